@@ -1,0 +1,1 @@
+"""Entry points: the torchrun training script and loop, data preparation, CLI commands."""

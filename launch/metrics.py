@@ -1,0 +1,53 @@
+"""Where training metrics go: a JSONL file (one object per logged step), TensorBoard event files,
+and a short line on the progress bar. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = Path(out_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.jsonl_path.open("w")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+                elif isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"{key}/{i}", v, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def short_line(m: dict) -> str:
+    return (f"loss {m['loss']:.4f} aux {m['aux_loss']:.4f} | {m['tokens_per_s']:.0f} tok/s "
+            f"| MFU {100 * m['mfu']:.1f}% | max/mean load {m['max_imbalance']:.2f}")
+
+
+def imbalance(load_E) -> Optional[float]:
+    """max load / mean load; 1.0 is perfect balance."""
+    mean = float(load_E.float().mean())
+    return float(load_E.max()) / mean if mean > 0 else None

@@ -1,0 +1,103 @@
+"""A training recipe: model shape, training settings, data and parallel layout, loaded from one YAML
+file and validated as a whole before any device or process group is touched."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from moe.config import ConfigError, ModelConfig, from_dict, load_yaml
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step (per data-parallel rank)
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 master weights
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    kernels: Literal["auto", "reference", "fast"] = "auto"
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{p}{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"{p}min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"{p}beta1/beta2: must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{p}grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "embedded"  # "embedded" (built on the fly) or a Megatron .bin/.idx prefix
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    cache_dir: str = "data"  # where the embedded corpus and dataset index caches go
+    embedded_docs: int = 4000
+
+    def validate(self, path: str = "") -> None:
+        if self.path != "embedded":
+            prefix = Path(self.path)
+            missing = [s for s in (".bin", ".idx") if not prefix.with_name(prefix.name + s).is_file()]
+            if missing:
+                raise ConfigError(f"{path}.path: Megatron dataset {self.path}{missing[0]} not found; "
+                                  "build it with `python -m launch.prepare_data` or use path: embedded")
+        if self.embedded_docs < 1:
+            raise ConfigError(f"{path}.embedded_docs: must be >= 1, got {self.embedded_docs}")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)  # YAML: inline mapping or a path to a model YAML
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, path: str = "") -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; shorten seq_len or raise max_seq_len")
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Load a recipe YAML. `model` may be a mapping or a path (relative to the recipe file) to a model
+    YAML. `overrides` maps dotted keys ("train.steps") to values and is applied before validation."""
+    data = load_yaml(path)
+    model = data.get("model", {})
+    if isinstance(model, str):
+        model_path = Path(path).parent / model
+        if not model_path.is_file():
+            model_path = Path(model)
+        data["model"] = load_yaml(model_path)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: use section.field, e.g. train.steps=10")
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override {dotted!r}: {section} is not a mapping in {path}")
+        data[section][key] = value
+    return from_dict(Recipe, data)

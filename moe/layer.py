@@ -1,0 +1,64 @@
+"""The MoE feed-forward layer: router, routed experts (grouped GEMM over local experts), shared expert.
+
+Data flow: route -> dispatcher.dispatch (may start communication) -> shared expert (overlaps it) ->
+wait -> grouped expert FFN -> dispatcher.combine -> add the shared expert's output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.dispatch import LocalDispatcher
+from moe.layers import SwiGLU
+from moe.router import Router
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored as stacked weights so one grouped GEMM serves them all.
+    `parallel/` may replace the stacks with this rank's slice (expert parallelism)."""
+
+    def __init__(self, num_experts: int, dim: int, ffn_size: int, kernels):
+        super().__init__()
+        self.kernels = kernels
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_size))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_size))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, ffn_size, dim))
+        for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        gmm = self.kernels.grouped_mm
+        w1, w3, w2 = (w.to(x_ND.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+        h_NF = F.silu(gmm(x_ND, w1, tokens_per_expert)) * gmm(x_ND, w3, tokens_per_expert)
+        return gmm(h_NF, w2, tokens_per_expert)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size, kernels)
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.expert_ffn_size)
+                       if cfg.num_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher(kernels, cfg.num_experts)
+        # Last forward's kept assignments per expert (metrics: load imbalance).
+        self.register_buffer("last_load", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        b, s, d = x_BSD.shape
+        x_TD = x_BSD.reshape(b * s, d)
+        routing = self.router(x_TD, seq_len=s)
+        self.last_load = routing.tokens_per_expert_E.detach().float()
+        pending = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK, routing.weights_TK)
+        shared_TD: Optional[torch.Tensor] = self.shared(x_TD) if self.shared is not None else None
+        x_ND, tokens_per_expert = pending.wait()
+        y_ND = self.experts(x_ND, tokens_per_expert)
+        out_TD = self.dispatcher.combine(y_ND, pending).to(x_BSD.dtype)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD
+        return out_TD.view(b, s, d), {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss}

@@ -1,0 +1,74 @@
+"""Device and backend choice (npu -> hccl, cuda -> nccl, cpu -> gloo) and the peak FLOP/s used for MFU.
+
+torch_npu is optional: it is imported only when the npu device is asked for or detected, so CPU
+and CUDA installs never need it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+# Quoted dense BF16 peaks (TFLOP/s) for devices we know; CPU peaks are measured instead.
+KNOWN_PEAKS_TFLOPS = {"Ascend910B": 313.0, "H100": 989.0, "H800": 989.0}
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+    return torch.npu.is_available()
+
+
+def resolve_device_type(requested: str = "auto") -> str:
+    if requested == "auto":
+        if npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "npu" and not npu_available():
+        raise RuntimeError("device npu: torch_npu with a working CANN toolkit is required "
+                           "(pip install 'ultramoe[npu]' on an Ascend host), or set train.device: cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda: no CUDA device is visible; set train.device: cpu or auto")
+    return requested
+
+
+def backend_for(device_type: str) -> str:
+    return BACKENDS[device_type]
+
+
+@dataclass
+class Peak:
+    flops_per_s: float
+    source: str  # "quoted: <device>" or "measured: <how>"
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> Peak:
+    """Best observed square-matmul throughput on this CPU: the honest MFU denominator when no
+    vendor peak exists."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool and kernel selection
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return Peak(best, f"measured: best {size}x{size} {str(dtype).replace('torch.', '')} matmul on "
+                      f"{torch.get_num_threads()} threads")
+
+
+def device_peak(device_type: str, dtype: torch.dtype) -> Peak:
+    if device_type == "cpu":
+        return measure_matmul_peak(dtype)
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, tflops in KNOWN_PEAKS_TFLOPS.items():
+            if key in name:
+                return Peak(tflops * 1e12, f"quoted: {key}")
+    if device_type == "npu":
+        return Peak(KNOWN_PEAKS_TFLOPS["Ascend910B"] * 1e12, "quoted: Ascend910B")
+    return Peak(float("nan"), "unknown device: MFU not reported")

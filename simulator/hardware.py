@@ -1,0 +1,134 @@
+"""Hardware profiles: what one device and its links can do, loaded from configs/hardware/*.yaml.
+
+A profile gives peak FLOP/s by dtype, an achievable-efficiency curve for matmuls as a function of the
+GEMM shape, memory capacity and bandwidth, the bandwidth and latency of the intra-node (fast domain:
+HCCS, NVLink, Ascend UB) and inter-node (RoCE, InfiniBand) links, and the host link used for
+swapping and optimizer offload. Calibrated profiles (`python -m simulator calibrate`) have the same
+shape, so every cost formula reads measured and quoted hardware alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe.config import ConfigError, from_dict, load_yaml
+
+HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclass
+class MatmulEfficiency:
+    """Achievable fraction of peak for an (m x k) @ (k x n) GEMM.
+
+    eff = peak_fraction * g(m) * g(k) * g(n), with g(x) = x / (x + half_dim): large GEMMs approach
+    `peak_fraction`; a dimension equal to `half_dim` halves the rate (tiling and pipeline fill). One
+    saturating factor per dimension captures why small per-expert token counts (m) and narrow experts
+    (n) run slower, with two numbers that calibration can fit.
+    """
+
+    peak_fraction: float = 0.75
+    half_dim: float = 64.0
+
+    def __call__(self, m: float, k: float, n: float) -> float:
+        h = self.half_dim
+        return self.peak_fraction * (m / (m + h)) * (k / (k + h)) * (n / (n + h))
+
+    def validate(self, path: str = "") -> None:
+        if not 0 < self.peak_fraction <= 1:
+            raise ConfigError(f"{path}.peak_fraction: must be in (0, 1], got {self.peak_fraction}")
+        if self.half_dim < 0:
+            raise ConfigError(f"{path}.half_dim: must be >= 0, got {self.half_dim}")
+
+
+@dataclass
+class Link:
+    """A collective link: achievable bandwidth per device (GB/s, one direction) and per-step latency."""
+
+    bandwidth_gbps: float
+    latency_us: float = 10.0
+
+    @property
+    def bw(self) -> float:  # bytes/s
+        return self.bandwidth_gbps * 1e9
+
+    @property
+    def lat(self) -> float:  # seconds
+        return self.latency_us * 1e-6
+
+    def validate(self, path: str = "") -> None:
+        if self.bandwidth_gbps <= 0:
+            raise ConfigError(f"{path}.bandwidth_gbps: must be positive, got {self.bandwidth_gbps}")
+        if self.latency_us < 0:
+            raise ConfigError(f"{path}.latency_us: must be >= 0, got {self.latency_us}")
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    device: str  # npu | cuda | cpu
+    peak_tflops: dict  # dtype -> dense TFLOP/s of one device
+    memory_gb: float  # device memory capacity
+    memory_bandwidth_gbps: float  # achievable device-memory bandwidth, GB/s
+    devices_per_node: int  # size of the fast-link domain (a super-node's UB domain on A3)
+    intra_node: Link
+    inter_node: Link
+    host_link: Link  # device <-> host (PCIe): activation swap, optimizer offload
+    matmul: MatmulEfficiency = field(default_factory=MatmulEfficiency)
+    host_memory_bandwidth_gbps: float = 100.0  # host-side optimizer step runs at this rate
+    op_overhead_us: float = 10.0  # fixed cost per launched operator (dispatch/launch latency)
+    reserved_memory_gb: float = 2.0  # runtime, communication buffers, fragmentation
+    notes: str = ""
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        if self.device not in ("npu", "cuda", "cpu"):
+            raise ConfigError(f"{p}device: must be npu, cuda or cpu, got {self.device!r}")
+        if not self.peak_tflops:
+            raise ConfigError(f"{p}peak_tflops: give at least one dtype, e.g. {{bf16: 256}}")
+        for k, v in self.peak_tflops.items():
+            if k not in DTYPE_BYTES:
+                raise ConfigError(f"{p}peak_tflops.{k}: unknown dtype; use one of {', '.join(DTYPE_BYTES)}")
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"{p}peak_tflops.{k}: must be a positive number, got {v!r}")
+        for name in ("memory_gb", "memory_bandwidth_gbps", "host_memory_bandwidth_gbps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{p}{name}: must be positive, got {getattr(self, name)}")
+        if self.devices_per_node < 1:
+            raise ConfigError(f"{p}devices_per_node: must be >= 1, got {self.devices_per_node}")
+        if self.op_overhead_us < 0 or self.reserved_memory_gb < 0:
+            raise ConfigError(f"{p}op_overhead_us/reserved_memory_gb: must be >= 0")
+        if self.reserved_memory_gb >= self.memory_gb:
+            raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
+                              f"memory_gb={self.memory_gb}")
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype not in self.peak_tflops:
+            raise ConfigError(f"options.dtype: profile {self.name!r} has no peak for {dtype!r}; "
+                              f"it lists {', '.join(self.peak_tflops)}")
+        return float(self.peak_tflops[dtype]) * 1e12
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * 2**30
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        return (self.memory_gb - self.reserved_memory_gb) * 2**30
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """Load a profile by name (a file in configs/hardware/) or by path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = HARDWARE_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"hardware: unknown profile {str(name_or_path)!r}; available: "
+                          f"{', '.join(available_profiles()) or '(none)'}, or give a path to a YAML file "
+                          f"(`python -m simulator calibrate` writes one for this machine)")
+    return from_dict(HardwareProfile, load_yaml(p), "hardware")
