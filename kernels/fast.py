@@ -1,4 +1,5 @@
-"""Fast MoE kernels: sort-based permute, `torch._grouped_mm` GEMM, index_add unpermute.
+"""Fast MoE kernels: sort-based permute, `torch._grouped_mm` GEMM, index_add unpermute with a
+hand-written backward.
 
 `torch._grouped_mm` is a private op (torch >= 2.8 or so; this project pins 2.13). Facts measured on
 CPU with torch 2.13.0, which decide when it is used:
@@ -12,7 +13,7 @@ CPU with torch 2.13.0, which decide when it is used:
   we wrap it in `_GroupedMM`, whose backward makes the gradient contiguous and computes dx with a
   grouped GEMM against w^T and dw with the 2-D x 2-D form (offsets along the reduction dimension).
 Where the op is missing, fails a probe for the device/dtype, or the strides are not aligned, the
-GEMM falls back to a per-expert loop of `mm` (same results, fewer fused launches).
+GEMM falls back to a per-expert loop of `mm` (same results; one op per expert instead of one in all).
 """
 from __future__ import annotations
 
@@ -132,8 +133,38 @@ class FastKernels:
 
     def unpermute(self, y_ND: Tensor, state: PermuteState, weights_TK: Tensor) -> Tensor:
         check_unpermute_inputs(y_ND, state, weights_TK)
+        return _WeightedUnpermute.apply(y_ND, weights_TK, state.token_N, state.assignment_N, state.num_tokens)
+
+
+class _WeightedUnpermute(torch.autograd.Function):
+    """out_TD = index_add over rows of y_ND * w_N, with a hand-written backward.
+
+    Written by hand because on CPU each fresh [N, D] tensor costs about as much as the arithmetic
+    on it (glibc returns large blocks to the OS, so every new one page-faults): the autograd
+    composition of gather, mul and index_add makes four [N, D] temporaries, this makes two, and the
+    weight gradient is a batched row dot product instead of mul + sum.
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, weights_TK: Tensor, token_N: Tensor, assignment_N: Tensor, num_tokens: int):
         acc = accumulation_dtype(y_ND.dtype)
-        w_N = weights_TK.reshape(-1).index_select(0, state.assignment_N).to(acc)
-        contrib_ND = y_ND.to(acc) * w_N.unsqueeze(1)
-        out_TD = contrib_ND.new_zeros(state.num_tokens, y_ND.shape[1])
-        return out_TD.index_add(0, state.token_N, contrib_ND).to(y_ND.dtype)
+        w_N = weights_TK.reshape(-1).index_select(0, assignment_N).to(acc)
+        rows_ND = y_ND.to(acc, copy=True).mul_(w_N.unsqueeze(1))
+        out_TD = rows_ND.new_zeros(num_tokens, y_ND.shape[1]).index_add_(0, token_N, rows_ND)
+        ctx.save_for_backward(y_ND, w_N, token_N, assignment_N)
+        ctx.weights_shape, ctx.weights_dtype = weights_TK.shape, weights_TK.dtype
+        return out_TD.to(y_ND.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TD: Tensor):
+        y_ND, w_N, token_N, assignment_N = ctx.saved_tensors
+        grad_rows_ND = grad_TD.to(w_N.dtype).index_select(0, token_N)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[1]:
+            dot_N = torch.bmm(grad_rows_ND.unsqueeze(1), y_ND.to(w_N.dtype).unsqueeze(2)).view(-1)
+            grad_w = dot_N.new_zeros(ctx.weights_shape.numel()).index_copy_(0, assignment_N, dot_N)
+            grad_w = grad_w.view(ctx.weights_shape).to(ctx.weights_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_rows_ND.mul_(w_N.unsqueeze(1)).to(y_ND.dtype)
+        return grad_y, grad_w, None, None, None

@@ -55,6 +55,6 @@ class ReferenceKernels:
         row_of_TK[state.assignment_N] = torch.arange(N, device=y_ND.device)
         row_of_TK = row_of_TK.view(T, K)
         out_TD = y_pad.new_zeros(T, y_ND.shape[1])
-        for k in range(K - 1):
+        for k in range(K):
             out_TD = out_TD + weights_TK[:, k : k + 1].to(acc) * y_pad[row_of_TK[:, k]]
         return out_TD.to(y_ND.dtype)

@@ -10,8 +10,9 @@ text is produced by a small seeded generator. A document mixes a few kinds of li
 * arithmetic facts ("17+25=42.", "9*7=63.", "Q: what is 40-13? A: 27."),
 * simple patterns (counting, alphabet runs, repetition).
 
-A byte-level model first learns the spelling and the templates (loss falls from ~5.5 nats/byte to
-~2 within a few hundred CPU steps), then agreement and facts, then some digits.
+A byte-level model first learns the spelling and the templates, then agreement and facts, then
+some digits: a 2-layer, 96-wide byte transformer goes from 5.9 to about 2.2 nats/byte in 50 steps
+and about 1.3 in 400 steps of 16 x 64 tokens (25 s on one CPU thread).
 
 Determinism: the generator uses its own splitmix64 stream instead of `random`, so the output is
 byte-identical on every Python version and platform. Document i depends only on (seed, i), hence

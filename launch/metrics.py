@@ -43,7 +43,7 @@ class MetricsLogger:
 
 
 def short_line(m: dict) -> str:
-    return (f"loss {m['loss']:.4f} aux {m['aux_loss']:.4f} | {m['tokens_per_s']:.0f} tok/s "
+    return (f"lm loss {m['lm_loss']:.4f} aux {m['aux_loss']:.4f} | {m['tokens_per_s']:.0f} tok/s "
             f"| MFU {100 * m['mfu']:.1f}% | max/mean load {m['max_imbalance']:.2f}")
 
 

@@ -55,7 +55,10 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    # The fused kernel is several times faster than the per-tensor path on CPU and CUDA.
+    device = next(model.parameters()).device.type
+    fused = True if device in ("cpu", "cuda") else None
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=fused)
 
 
 def build_data(recipe: Recipe, rank: int = 0, world: int = 1, start_sample: int = 0):

@@ -72,3 +72,13 @@ def device_peak(device_type: str, dtype: torch.dtype) -> Peak:
     if device_type == "npu":
         return Peak(KNOWN_PEAKS_TFLOPS["Ascend910B"] * 1e12, "quoted: Ascend910B")
     return Peak(float("nan"), "unknown device: MFU not reported")
+
+
+def set_local_device(device_type: str, local_rank: int) -> None:
+    """Bind this process to device `local_rank` of its node (one process per NPU/GPU, as torchrun
+    starts them). CPU processes share the host: nothing to bind."""
+    if device_type == "npu":
+        import torch_npu  # noqa: F401
+        torch.npu.set_device(local_rank)
+    elif device_type == "cuda":
+        torch.cuda.set_device(local_rank)

@@ -30,6 +30,7 @@ class MatmulEfficiency:
 
     peak_fraction: float = 0.75
     half_dim: float = 64.0
+    attention_factor: float = 0.8  # core attention's rate relative to a GEMM of its shape
 
     def __call__(self, m: float, k: float, n: float) -> float:
         h = self.half_dim
@@ -38,6 +39,8 @@ class MatmulEfficiency:
     def validate(self, path: str = "") -> None:
         if not 0 < self.peak_fraction <= 1:
             raise ConfigError(f"{path}.peak_fraction: must be in (0, 1], got {self.peak_fraction}")
+        if not 0 < self.attention_factor <= 2:
+            raise ConfigError(f"{path}.attention_factor: must be in (0, 2], got {self.attention_factor}")
         if self.half_dim < 0:
             raise ConfigError(f"{path}.half_dim: must be >= 0, got {self.half_dim}")
 
@@ -68,7 +71,7 @@ class Link:
 class HardwareProfile:
     name: str
     device: str  # npu | cuda | cpu
-    peak_tflops: dict  # dtype -> dense TFLOP/s of one device
+    peak_tflops: dict[str, float]  # dtype -> dense TFLOP/s of one device
     memory_gb: float  # device memory capacity
     memory_bandwidth_gbps: float  # achievable device-memory bandwidth, GB/s
     devices_per_node: int  # size of the fast-link domain (a super-node's UB domain on A3)

@@ -1,0 +1,91 @@
+"""Data parallelism: gradient averaging over the right group for each parameter, the global gradient
+norm and clipping, and the per-step synchronisation of the routers' load counts.
+
+Every rank's loss is the mean over its own micro-batch, and the reference loss is the mean over the
+global batch (all `dp` micro-batches), so every gradient is summed over ranks and divided by `dp`:
+- dense parameters are replicated on every data-parallel rank: all-reduce over the dp group;
+- an expert parameter lives on one rank of each EP group, and its local gradient already sums the
+  contributions of every token the EP group sent to it (the dispatcher's backward brings them
+  back); the replicas of that expert form the expert-data-parallel (edp) group: all-reduce there.
+The global norm counts each parameter once: dense squares (identical on all ranks after the
+reduction) plus expert squares summed over the EP group.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moe.layer import MoELayer
+from parallel.mesh import Meshes
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], group, divisor: int) -> None:
+    """Sum `tensors` over `group` in one flat bucket and divide by `divisor`, in place."""
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.div_(divisor)
+    for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(reduced)
+
+
+class GradReducer:
+    """The `grad_reducer` hook of `launch.train.train_step`: call after backward, before the
+    optimizer step. Returns the global gradient norm (before clipping)."""
+
+    def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str]):
+        self.meshes = meshes
+        expert = set(expert_param_names)
+        named = list(model.named_parameters())
+        unknown = expert - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"GradReducer: expert parameters not in the model: {sorted(unknown)}")
+        # Fixed order on every rank: the flat buckets must line up element for element.
+        self.dense = [p for n, p in named if n not in expert and p.requires_grad]
+        self.expert = [p for n, p in named if n in expert and p.requires_grad]
+        self.routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+
+    def __call__(self, params=None, max_norm: float = 0.0) -> float:
+        # `params` (what train_step saw with a gradient) is ignored: the reducer's own fixed list
+        # keeps the buckets aligned across ranks. A parameter without a gradient counts as zero.
+        layout = self.meshes.layout
+        for p in self.dense + self.expert:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _all_reduce_mean([p.grad for p in self.dense], self.meshes.dp_group, layout.dp)
+        _all_reduce_mean([p.grad for p in self.expert], self.meshes.edp_group, layout.dp)
+        norm = self.global_norm()
+        if max_norm > 0:
+            coef = min(1.0, max_norm / (norm + 1e-6))  # the formula of torch.nn.utils.clip_grad_norm_
+            if coef < 1.0:
+                for p in self.dense + self.expert:
+                    p.grad.mul_(coef)
+        self.sync_router_load()
+        return norm
+
+    def global_norm(self) -> float:
+        device = (self.dense + self.expert)[0].device
+
+        def sq(params):  # fp32 on the device: HCCL reduces neither fp64 nor host tensors
+            if not params:
+                return torch.zeros((), device=device)
+            return torch.stack([p.grad.detach().float().norm() for p in params]).pow(2).sum()
+        expert_sq = sq(self.expert)
+        if self.meshes.layout.ep > 1:
+            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.ep_group)
+        return math.sqrt(float(sq(self.dense)) + float(expert_sq))
+
+    @torch.no_grad()
+    def sync_router_load(self) -> None:
+        """Sum the aux-loss-free load counts over the expert-data-parallel replicas; the router's
+        `stats_reducer` then sums over the EP group, so every rank updates its bias from the load of
+        the whole global batch and all replicas keep identical biases."""
+        loads = [r.load_since_update for r in self.routers if r.cfg.expert_bias]
+        if loads and self.meshes.layout.edp > 1:
+            _all_reduce_mean(loads, self.meshes.edp_group, 1)

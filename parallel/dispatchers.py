@@ -1,0 +1,208 @@
+"""Token dispatchers for expert parallelism: all-gather, all-to-all and hierarchical all-to-all.
+
+All implement `moe.dispatch.TokenDispatcher`: `dispatch` permutes locally and starts the exchange
+(asynchronously when `overlap` is on) and returns a pending handle; `wait()` finishes the exchange and
+yields this rank's tokens grouped by local expert; `combine` sends expert outputs back and sums each
+token's weighted copies. Gradients flow through every exchange (parallel/comm.py), so the routing
+weights and the expert inputs get exactly the single-device gradients.
+
+Experts are split in order: EP rank r of the group holds experts [r * El, (r + 1) * El).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe.dispatch import LocalDispatcher
+from parallel.comm import CommStats, all_gather, all_gather_sizes, all_to_all, exchange_counts, reduce_scatter
+from parallel.config import DISPATCHERS
+
+
+def chunk_permutation(counts_SE: Tensor) -> Tensor:
+    """Row order that turns source-major chunks (s, e) of sizes counts_SE[s, e] into expert-major
+    (e, s) order: y = x[perm]."""
+    s, e = counts_SE.shape
+    flat = counts_SE.reshape(-1)
+    src_start = torch.cumsum(flat, 0) - flat
+    order = torch.arange(s * e).view(s, e).t().reshape(-1)
+    lens = flat[order]
+    dst_start = torch.cumsum(lens, 0) - lens
+    total = int(lens.sum())
+    return torch.arange(total) + torch.repeat_interleave(src_start[order] - dst_start, lens, output_size=total)
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return inv
+
+
+class _A2APending:
+    def __init__(self, recv: Tensor, handle, recv_SE: Tensor, state, weights_TK: Tensor,
+                 in_splits: list[int], out_splits: list[int]):
+        self.recv, self.handle, self.recv_SE, self.state, self.weights_TK = recv, handle, recv_SE, state, weights_TK
+        self.in_splits, self.out_splits = in_splits, out_splits
+        self.perm: Optional[Tensor] = None
+        self._result = None
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        if self._result is None:
+            self.handle.wait()
+            x = self.recv
+            if self.recv_SE.shape[1] > 1:  # group the received chunks by local expert
+                self.perm = chunk_permutation(self.recv_SE).to(x.device)
+                x = x.index_select(0, self.perm)
+            self._result = (x, self.recv_SE.sum(0))
+        return self._result
+
+
+class AllToAllDispatcher:
+    """Permute by expert (which orders copies by destination rank), exchange counts, then one
+    all_to_all_single with split sizes; the receiver regroups (source, expert) chunks by expert."""
+
+    def __init__(self, kernels, num_experts: int, group, stats: Optional[CommStats] = None, overlap: bool = True):
+        self.kernels, self.group, self.stats, self.overlap = kernels, group, stats, overlap
+        self.size = dist.get_world_size(group)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.size
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _A2APending:
+        x_ND, counts_E, state = self.kernels.permute(x_TD, expert_idx_TK, self.num_experts)
+        send_SE = counts_E.view(self.size, self.num_local_experts)
+        recv_SE = exchange_counts(send_SE.to(x_TD.device), self.group, self.stats).cpu()
+        in_splits, out_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
+        recv, handle = all_to_all(x_ND, out_splits, in_splits, self.group, self.stats, async_op=self.overlap)
+        if self.stats is not None:
+            self.stats.tokens_received += sum(out_splits)
+        return _A2APending(recv, handle, recv_SE, state, weights_TK, in_splits, out_splits)
+
+    def combine(self, y_ND: Tensor, pending: _A2APending) -> Tensor:
+        if pending.perm is not None:
+            y_ND = y_ND.index_select(0, _inverse(pending.perm))
+        back, _ = all_to_all(y_ND, pending.in_splits, pending.out_splits, self.group, self.stats)
+        return self.kernels.unpermute(back, pending.state, pending.weights_TK)
+
+
+class _AGPending:
+    def __init__(self, dispatcher: "AllGatherDispatcher", sizes, gathered, handles, unpad):
+        self.d, self.sizes, self.gathered, self.handles, self.unpad = dispatcher, sizes, gathered, handles, unpad
+        self._result = None
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        if self._result is None:
+            for h in self.handles:
+                h.wait()
+            x_all, idx_all, self.weights_all = (self.unpad(t) for t in self.gathered)
+            d = self.d
+            local = idx_all - d.rank * d.num_local_experts
+            local = torch.where((idx_all >= 0) & (local >= 0) & (local < d.num_local_experts), local, -1)
+            x_ND, counts, self.state = d.kernels.permute(x_all, local, d.num_local_experts)
+            if d.stats is not None:
+                d.stats.tokens_received += x_ND.shape[0]
+            self._result = (x_ND, counts)
+        return self._result
+
+
+class AllGatherDispatcher:
+    """Every rank gathers all tokens of the EP group (with their routing), keeps the copies for its
+    own experts, and returns partial outputs through a reduce-scatter. Simple; sends every token to
+    every rank, so it suits small EP groups or top-k close to the number of ranks."""
+
+    def __init__(self, kernels, num_experts: int, group, stats: Optional[CommStats] = None, overlap: bool = True):
+        self.kernels, self.group, self.stats, self.overlap = kernels, group, stats, overlap
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_local_experts = num_experts // self.size
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _AGPending:
+        sizes = all_gather_sizes(x_TD.shape[0], self.group, self.stats)
+        gathered, handles = [], []
+        for t in (x_TD, expert_idx_TK, weights_TK):
+            buf, handle, unpad = all_gather(t, sizes, self.group, self.stats, async_op=self.overlap)
+            gathered.append(buf)
+            handles.append(handle)
+        return _AGPending(self, sizes, gathered, handles, unpad)
+
+    def combine(self, y_ND: Tensor, pending: _AGPending) -> Tensor:
+        partial_TD = self.kernels.unpermute(y_ND, pending.state, pending.weights_all)
+        return reduce_scatter(partial_TD, pending.sizes, self.group, self.stats)
+
+
+class _HierPending:
+    def __init__(self, dispatcher: "HierarchicalDispatcher", sel: Tensor, num_tokens: int, recv, handles,
+                 in_splits: list[int], out_splits: list[int]):
+        self.d, self.sel, self.num_tokens, self.recv, self.handles = dispatcher, sel, num_tokens, recv, handles
+        self.in_splits, self.out_splits = in_splits, out_splits
+        self.inner = None
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        if self.inner is None:
+            for h in self.handles:
+                h.wait()
+            x_recv, idx_recv, w_recv = self.recv
+            d = self.d
+            local = idx_recv - d.node * d.experts_per_node
+            local = torch.where((idx_recv >= 0) & (local >= 0) & (local < d.experts_per_node), local, -1)
+            self.inner = d.inner.dispatch(x_recv, local, w_recv)
+        return self.inner.wait()
+
+
+class HierarchicalDispatcher:
+    """Two-level exchange for EP groups that span nodes.
+
+    Inter-node: among the EP ranks with the same local rank on each node, each token goes to every
+    other node that holds at least one of its experts, once, with its routing (a sparse all-gather:
+    a token that needs every node is all-gathered). Intra-node: the received tokens are dispatched
+    to this node's experts with an all-to-all over the node's fast links. Combine reverses both: the
+    node sums its experts' weighted outputs per token, so one vector per token and node crosses
+    back (a sparse reduce-scatter), and the source rank adds the per-node partial sums.
+    """
+
+    def __init__(self, kernels, num_experts: int, inter_group, intra_group, stats: Optional[CommStats] = None,
+                 overlap: bool = True):
+        self.kernels, self.inter_group, self.stats, self.overlap = kernels, inter_group, stats, overlap
+        self.num_nodes, self.node = dist.get_world_size(inter_group), dist.get_rank(inter_group)
+        self.experts_per_node = num_experts // self.num_nodes
+        self.inner = AllToAllDispatcher(kernels, self.experts_per_node, intra_group, stats, overlap=False)
+        self.num_local_experts = self.inner.num_local_experts
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _HierPending:
+        node_TK = torch.div(expert_idx_TK, self.experts_per_node, rounding_mode="floor")  # -1 stays -1
+        nodes = torch.arange(self.num_nodes, device=x_TD.device)
+        need_TN = (node_TK.unsqueeze(-1) == nodes).any(1)
+        # (node, token) pairs in node-major order: the send buffer grouped by destination node.
+        sel = need_TN.t().nonzero()[:, 1]
+        in_counts = need_TN.sum(0)
+        out_counts = exchange_counts(in_counts.view(-1, 1), self.inter_group, self.stats).view(-1)
+        in_splits, out_splits = in_counts.tolist(), out_counts.tolist()
+        recv, handles = [], []
+        for t in (x_TD, expert_idx_TK, weights_TK):
+            buf, handle = all_to_all(t.index_select(0, sel), out_splits, in_splits, self.inter_group, self.stats,
+                                     async_op=self.overlap)
+            recv.append(buf)
+            handles.append(handle)
+        return _HierPending(self, sel, x_TD.shape[0], recv, handles, in_splits, out_splits)
+
+    def combine(self, y_ND: Tensor, pending: _HierPending) -> Tensor:
+        partial_RD = self.inner.combine(y_ND, pending.inner)
+        back, _ = all_to_all(partial_RD, pending.in_splits, pending.out_splits, self.inter_group, self.stats)
+        out_TD = back.new_zeros((pending.num_tokens, back.shape[1]), dtype=torch.promote_types(back.dtype, torch.float32))
+        return out_TD.index_add(0, pending.sel, back.to(out_TD.dtype)).to(y_ND.dtype)
+
+
+def make_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats] = None,
+                    overlap: bool = True):
+    """The dispatcher `name` for one MoE layer of `num_experts` experts over `meshes`' EP group."""
+    if name not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {name!r}; allowed: {', '.join(DISPATCHERS)}")
+    if meshes.layout.ep == 1:
+        return LocalDispatcher(kernels, num_experts)
+    if name == "allgather":
+        return AllGatherDispatcher(kernels, num_experts, meshes.ep_group, stats, overlap)
+    if name == "hierarchical":
+        return HierarchicalDispatcher(kernels, num_experts, meshes.ep_inter_group, meshes.ep_intra_group, stats, overlap)
+    if name == "alltoall":
+        return AllToAllDispatcher(kernels, num_experts, meshes.ep_group, stats, overlap)
+    raise ValueError(f"dispatcher {name!r} needs ep = 1 (it keeps every expert local)")

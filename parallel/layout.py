@@ -1,0 +1,109 @@
+"""Rank arithmetic of a parallel layout: which ranks form each group, and which node a rank is on.
+
+Pure Python and numpy, no process group: tests and the simulator use it directly, and `mesh.py`
+turns it into process groups. Rank order (innermost first) is Megatron's: the attention side is
+tp, cp, dp, pp; the MoE side is etp, ep, edp, pp over the same ranks. With etp = 1 an EP group is a
+run of consecutive ranks, so "nodes" (devices_per_node consecutive ranks) split it into an
+intra-node part (ep_intra) and an inter-node part (ep_inter) for the hierarchical dispatcher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from moe.config import ConfigError, ModelConfig
+from parallel.config import ParallelConfig
+
+
+def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
+    """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
+    for name in ("tp", "pp", "cp"):
+        if getattr(cfg, name) != 1:
+            raise ConfigError(f"{path}.{name}: {name}={getattr(cfg, name)} is not supported by the training "
+                              f"runtime yet (expert and data parallelism are); set {name}: 1")
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    ep: int  # ranks the experts of one layer are split over (TP-extend-EP included)
+    etp: int
+    edp: int
+    devices_per_node: int
+
+    @classmethod
+    def build(cls, cfg: ParallelConfig, world: int, model: Optional[ModelConfig] = None) -> "Layout":
+        cfg.check_world(world, model)
+        dp = cfg.data_parallel(world)
+        ep, etp = cfg.expert_parallel, cfg.expert_tp
+        edp = dp * cfg.cp * cfg.tp // (ep * etp)
+        return cls(world, cfg.tp, cfg.cp, cfg.pp, dp, ep, etp, edp, min(cfg.devices_per_node, world))
+
+    # --- rank grids: grid[i, j, ...] is the global rank at those coordinates ---
+    def dense_grid(self) -> np.ndarray:
+        return np.arange(self.world).reshape(self.pp, self.dp, self.cp, self.tp)
+
+    def expert_grid(self) -> np.ndarray:
+        return np.arange(self.world).reshape(self.pp, self.edp, self.ep, self.etp)
+
+    def expert_node_grid(self) -> np.ndarray:
+        """The expert grid with ep split into (ep_inter, ep_intra): nodes x ranks of the group per node."""
+        intra = self.ep_intra
+        return self.expert_grid().reshape(self.pp, self.edp, self.ep // intra, intra, self.etp)
+
+    @property
+    def ep_intra(self) -> int:
+        """EP ranks per node (the EP group is contiguous when etp = 1)."""
+        return min(self.ep, self.devices_per_node) if self.etp == 1 else 1
+
+    @property
+    def ep_inter(self) -> int:
+        return self.ep // self.ep_intra
+
+    def num_nodes(self) -> int:
+        return -(-self.world // self.devices_per_node)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.devices_per_node
+
+    # --- groups: every group of a kind, each a list of global ranks, in a fixed order ---
+    @staticmethod
+    def _groups(grid: np.ndarray, axis: int) -> list[list[int]]:
+        moved = np.moveaxis(grid, axis, -1)
+        return [list(map(int, row)) for row in moved.reshape(-1, grid.shape[axis])]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Replicas of the dense parameters (cp folded in: its ranks see different tokens too)."""
+        g = self.dense_grid()
+        merged = np.moveaxis(g, 2, 1).reshape(self.pp, self.dp * self.cp, self.tp)
+        return self._groups(merged, 1)
+
+    def ep_groups(self) -> list[list[int]]:
+        return self._groups(self.expert_grid(), 2)
+
+    def edp_groups(self) -> list[list[int]]:
+        return self._groups(self.expert_grid(), 1)
+
+    def ep_intra_groups(self) -> list[list[int]]:
+        return self._groups(self.expert_node_grid(), 3)
+
+    def ep_inter_groups(self) -> list[list[int]]:
+        return self._groups(self.expert_node_grid(), 2)
+
+    def group_of(self, groups: list[list[int]], rank: int) -> list[int]:
+        for g in groups:
+            if rank in g:
+                return g
+        raise ValueError(f"rank {rank} is in none of the groups {groups}")
+
+    def describe(self) -> str:
+        return (f"world {self.world}: dense pp{self.pp} x dp{self.dp} x cp{self.cp} x tp{self.tp}; "
+                f"MoE pp{self.pp} x edp{self.edp} x ep{self.ep} x etp{self.etp}; "
+                f"{self.num_nodes()} node(s) of {self.devices_per_node} (EP group: {self.ep_inter} node(s) "
+                f"x {self.ep_intra} rank(s))")

@@ -1,0 +1,74 @@
+"""Process groups of a layout, built once per run as torch DeviceMeshes over the one world.
+
+Three meshes over the same ranks: the attention side (pp, dp, cp, tp), the MoE side
+(pp, edp, ep, etp), and, for the hierarchical dispatcher, the MoE side with ep split by the node
+structure (pp, edp, ep_inter, ep_intra, etp). Every rank must call `Meshes.build` (group creation
+is collective), after `torch.distributed` is initialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.layout import Layout
+
+
+@dataclass
+class Meshes:
+    layout: Layout
+    rank: int
+    dense: DeviceMesh
+    expert: DeviceMesh
+    expert_nodes: Optional[DeviceMesh]  # only built for the hierarchical dispatcher
+
+    @classmethod
+    def build(cls, layout: Layout, device_type: str = "cpu", nodes: bool = False) -> "Meshes":
+        if not dist.is_initialized():
+            raise RuntimeError("Meshes.build: torch.distributed is not initialised (launch/distributed.py does it)")
+        if dist.get_world_size() != layout.world:
+            raise RuntimeError(f"Meshes.build: layout is for {layout.world} ranks, the world has {dist.get_world_size()}")
+        dense = DeviceMesh(device_type, torch.from_numpy(layout.dense_grid()),
+                           mesh_dim_names=("pp", "dp", "cp", "tp"))
+        expert = DeviceMesh(device_type, torch.from_numpy(layout.expert_grid()),
+                            mesh_dim_names=("pp", "edp", "ep", "etp"))
+        expert_nodes = None
+        if nodes:
+            expert_nodes = DeviceMesh(device_type, torch.from_numpy(layout.expert_node_grid()),
+                                      mesh_dim_names=("pp", "edp", "ep_inter", "ep_intra", "etp"))
+        return cls(layout, dist.get_rank(), dense, expert, expert_nodes)
+
+    # The groups the runtime uses, by what they are for.
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """Dense-parameter gradients are averaged over it (runtime: cp = 1, so dp alone)."""
+        return self.dense.get_group("dp")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        """Tokens are exchanged and balance statistics summed over it."""
+        return self.expert.get_group("ep")
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup:
+        """Replicas of the same experts: expert gradients are averaged over it."""
+        return self.expert.get_group("edp")
+
+    @property
+    def ep_intra_group(self) -> dist.ProcessGroup:
+        assert self.expert_nodes is not None, "built without nodes=True"
+        return self.expert_nodes.get_group("ep_intra")
+
+    @property
+    def ep_inter_group(self) -> dist.ProcessGroup:
+        assert self.expert_nodes is not None, "built without nodes=True"
+        return self.expert_nodes.get_group("ep_inter")
+
+    def ep_rank(self) -> int:
+        return self.expert.get_local_rank("ep")
+
+    def dp_rank(self) -> int:
+        return self.dense.get_local_rank("dp")

@@ -1,0 +1,88 @@
+"""One object that applies the whole parallel layout to a model and a training loop.
+
+`ParallelRuntime.setup` (after `torch.distributed` is initialised, on every rank) builds the meshes;
+`parallelize(model)` shards the experts and installs the dispatchers and the gradient reducer;
+`wrap_optimizer` adds ZeRO-1 when configured; `step_metrics` and `mean_over_dp` produce the log line
+(collectives: call them on every rank). Used by launch/train.py under torchrun and by the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.config import ModelConfig
+from parallel.comm import CommStats
+from parallel.config import ParallelConfig
+from parallel.data_parallel import GradReducer
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.layout import Layout, check_runtime_support
+from parallel.mesh import Meshes
+from parallel.metrics import step_metrics
+from parallel.zero import ZeroOptimizer
+
+
+def validate_layout(cfg: ParallelConfig, model: ModelConfig, world: int) -> Layout:
+    """Every check that needs no process group; call it before creating one."""
+    check_runtime_support(cfg)
+    return Layout.build(cfg, world, model)
+
+
+@dataclass
+class ParallelRuntime:
+    cfg: ParallelConfig
+    layout: Layout
+    meshes: Meshes
+    stats: CommStats
+    device: str = "cpu"
+    expert_param_names: list[str] = field(default_factory=list)
+    grad_reducer: Optional[GradReducer] = None
+
+    @classmethod
+    def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu") -> "ParallelRuntime":
+        layout = validate_layout(cfg, model, dist.get_world_size())
+        nodes = cfg.dispatcher == "hierarchical" and layout.ep > 1
+        meshes = Meshes.build(layout, device, nodes=nodes)
+        return cls(cfg, layout, meshes, CommStats(dist.get_rank(), layout.node_of), device)
+
+    @property
+    def rank(self) -> int:
+        return self.meshes.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.meshes.dp_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """In place: `model` must be the full single-device model, built with the same seed on every rank."""
+        self.expert_param_names = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats,
+                                                        self.cfg.overlap)
+        self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names)
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        if not self.cfg.zero1:
+            return optimizer
+        return ZeroOptimizer(optimizer, model, self.meshes, self.expert_param_names)
+
+    def step_metrics(self) -> dict:
+        return step_metrics(self.stats, self.meshes, self.device)
+
+    def mean_over_dp(self, values: dict[str, float]) -> dict[str, float]:
+        """Average per-rank scalars (local-micro-batch losses) into global-batch values."""
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64 if self.device == "cpu"
+                         else torch.float32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.meshes.dp_group)
+        return {k: float(v) / self.layout.dp for k, v in zip(keys, t.tolist())}

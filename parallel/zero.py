@@ -1,0 +1,110 @@
+"""ZeRO-1: a distributed optimizer that keeps 1/n of the optimizer state on each data-parallel rank.
+
+`ZeroOptimizer` wraps an optimizer built over the full model (e.g. launch.train.build_optimizer's
+AdamW, before its first step) and replaces it by the same optimizer class over flat shards: for each
+parameter group, the dense parameters are flattened and split over the dp group, the expert
+parameters over the edp group (their replicas). A step copies this rank's slice of the (already
+averaged and clipped) gradients into its shard, steps the inner optimizer there, and all-gathers the
+updated shards back into the parameters. AdamW is element-wise, so this is the same update as the
+unsharded optimizer, with the moments stored once per replica group instead of on every rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.mesh import Meshes
+
+
+class _Bucket:
+    """The parameters of one (param group, replica group) pair, viewed as one flat vector split
+    into equal shards (the last padded) over the replica group."""
+
+    def __init__(self, params: list[nn.Parameter], group):
+        self.params, self.group = params, group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.numel = sum(p.numel() for p in params)
+        self.shard_len = math.ceil(self.numel / self.size)
+        self.lo = min(self.numel, self.rank * self.shard_len)
+        self.hi = min(self.numel, self.lo + self.shard_len)
+        self.shard = nn.Parameter(self._gather_slice([p.detach() for p in params]).float())
+
+    def _gather_slice(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Elements [lo, hi) of the concatenation of `tensors`, without flattening all of them."""
+        parts, offset = [], 0
+        for t in tensors:
+            a, b = max(self.lo, offset), min(self.hi, offset + t.numel())
+            if a < b:
+                parts.append(t.reshape(-1)[a - offset:b - offset])
+            offset += t.numel()
+        if not parts:
+            return tensors[0].new_zeros(0)
+        return torch.cat(parts).clone()
+
+    def load_grad(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.shard.grad = self._gather_slice(grads).float()
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        padded = self.shard.new_zeros(self.shard_len)
+        padded[: self.hi - self.lo] = self.shard
+        full = padded.new_empty(self.size * self.shard_len)
+        dist.all_gather_into_tensor(full, padded, group=self.group)
+        offset = 0
+        for p in self.params:
+            p.copy_(full[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+class ZeroOptimizer:
+    """Drop-in for the wrapped optimizer in the training loop: `param_groups` (set the lr there),
+    `step()`, `zero_grad()`. Checkpointing of the sharded state is not implemented yet."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, meshes: Meshes,
+                 expert_param_names: list[str]):
+        if optimizer.state:
+            raise ValueError("ZeroOptimizer: wrap the optimizer before its first step (its state would be lost)")
+        expert = {id(p) for n, p in model.named_parameters() if n in set(expert_param_names)}
+        self.buckets: list[_Bucket] = []
+        inner_groups = []
+        for g in optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            for is_expert, group in ((False, meshes.dp_group), (True, meshes.edp_group)):
+                params = [p for p in g["params"] if (id(p) in expert) == is_expert]
+                if params:
+                    bucket = _Bucket(params, group)
+                    self.buckets.append(bucket)
+                    inner_groups.append({"params": [bucket.shard], **hyper})
+        self.inner = type(optimizer)(inner_groups)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def step(self) -> None:
+        for b in self.buckets:
+            b.load_grad()
+        self.inner.step()
+        for b in self.buckets:
+            b.publish()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buckets:
+            b.shard.grad = None
+            for p in b.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def state_numel(self) -> int:
+        """Optimizer-state elements held by this rank (what ZeRO-1 divides)."""
+        return sum(t.numel() for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())

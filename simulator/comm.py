@@ -1,0 +1,127 @@
+"""Collective communication: bytes each device moves, split by link, and the time that takes.
+
+Conventions (pinned by tests/test_simulator_parts.py):
+- all-gather / reduce-scatter of a buffer whose *full* size is S bytes: ring, each device sends
+  (n-1)/n * S in n-1 steps; all-reduce is reduce-scatter + all-gather, 2 (n-1)/n * S in 2 (n-1) steps.
+- all-to-all where each device holds S bytes addressed evenly to the n members: it sends (n-1)/n * S,
+  the part for peers in its own node over the fast link, the rest over the inter-node link, both at
+  once; the messages are concurrent, so latency grows with log2(n), not n.
+- A group spanning nodes runs ring collectives at the inter-node bandwidth: the achievable bus
+  bandwidth of a multi-node ring is the per-device NIC bandwidth.
+- Time = max(intra bytes / intra bandwidth, inter bytes / inter bandwidth) + steps * latency.
+
+Group placement follows `layout.py`'s rank order: a group of `size` members with rank `stride`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from simulator.hardware import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Comm:
+    kind: str
+    intra_bytes: float  # sent per device over the fast (intra-node) link
+    inter_bytes: float  # sent per device over the inter-node link
+    steps: int  # latency-bound steps
+    spans_nodes: bool
+
+    def time(self, hw: HardwareProfile) -> float:
+        if self.intra_bytes == 0 and self.inter_bytes == 0:
+            return 0.0
+        lat = hw.inter_node.lat if self.spans_nodes else hw.intra_node.lat
+        return max(self.intra_bytes / hw.intra_node.bw, self.inter_bytes / hw.inter_node.bw) + self.steps * lat
+
+    def scaled(self, factor: float) -> "Comm":
+        return Comm(self.kind, self.intra_bytes * factor, self.inter_bytes * factor, self.steps, self.spans_nodes)
+
+    @property
+    def bytes(self) -> float:
+        return self.intra_bytes + self.inter_bytes
+
+
+NONE = Comm("none", 0.0, 0.0, 0, False)
+
+
+def group_span(size: int, stride: int, devices_per_node: int) -> tuple[int, int]:
+    """(members per node, nodes spanned) of a group of `size` ranks `stride` apart."""
+    if size <= 1:
+        return 1, 1
+    if stride >= devices_per_node:
+        return 1, size
+    per_node = min(size, max(1, devices_per_node // stride))
+    return per_node, math.ceil(size / per_node)
+
+
+def _ring(kind: str, full_bytes: float, size: int, stride: int, dpn: int, passes: int) -> Comm:
+    if size <= 1 or full_bytes <= 0:
+        return NONE
+    _, nodes = group_span(size, stride, dpn)
+    sent = passes * (size - 1) / size * full_bytes
+    spans = nodes > 1
+    return Comm(kind, 0.0 if spans else sent, sent if spans else 0.0, passes * (size - 1), spans)
+
+
+def all_gather(full_bytes: float, size: int, stride: int, dpn: int) -> Comm:
+    return _ring("all_gather", full_bytes, size, stride, dpn, 1)
+
+
+def reduce_scatter(full_bytes: float, size: int, stride: int, dpn: int) -> Comm:
+    return _ring("reduce_scatter", full_bytes, size, stride, dpn, 1)
+
+
+def all_reduce(full_bytes: float, size: int, stride: int, dpn: int) -> Comm:
+    return _ring("all_reduce", full_bytes, size, stride, dpn, 2)
+
+
+def all_to_all(send_bytes: float, size: int, stride: int, dpn: int) -> Comm:
+    """`send_bytes`: what one device holds for all members (its own share included)."""
+    if size <= 1 or send_bytes <= 0:
+        return NONE
+    per_node, nodes = group_span(size, stride, dpn)
+    intra = send_bytes * (per_node - 1) / size
+    inter = send_bytes * (size - per_node) / size
+    return Comm("all_to_all", intra, inter, max(1, math.ceil(math.log2(size))), nodes > 1)
+
+
+def p2p(nbytes: float, crosses_nodes: bool) -> Comm:
+    if nbytes <= 0:
+        return NONE
+    return Comm("p2p", 0.0 if crosses_nodes else nbytes, nbytes if crosses_nodes else 0.0, 1, crosses_nodes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert-parallel token exchange
+
+
+def ep_dispatch(dispatcher: str, tokens: float, top_k: int, token_bytes: float, ep: int, stride: int,
+                dpn: int, imbalance: float = 1.0) -> list[Comm]:
+    """Communication of one dispatch (forward) for `tokens` tokens on this device.
+
+    `token_bytes` is one hidden vector. Routing metadata (top-k ids and weights, 8 bytes per choice)
+    travels with each token where the receiver routes locally (all-gather based schemes). The slowest
+    rank sets the pace, so receive-side volume is scaled by `imbalance` (max / mean expert-rank load).
+    A combine moves the same volume back (reduce-scatter in place of all-gather).
+    """
+    if ep <= 1 or dispatcher == "local":
+        return []
+    meta = 8 * top_k
+    if dispatcher == "allgather":
+        return [all_gather(ep * tokens * (token_bytes + meta), ep, stride, dpn)]
+    per_node, nodes = group_span(ep, stride, dpn)
+    copies = tokens * top_k * token_bytes
+    if dispatcher == "alltoall" or nodes == 1:
+        return [all_to_all(copies, ep, stride, dpn).scaled(imbalance)]
+    if dispatcher != "hierarchical":
+        raise ValueError(f"unknown dispatcher {dispatcher!r}")
+    # Inter-node all-gather among same-local-rank peers (one per node, stride = ranks per node of
+    # the group); each token crosses to every other node once, then an intra-node all-to-all.
+    inter = all_gather(nodes * tokens * (token_bytes + meta), nodes, stride * per_node, dpn)
+    intra = all_to_all(copies, per_node, stride, dpn).scaled(imbalance)
+    return [inter, intra]
+
+
+def comm_time(comms: list[Comm], hw: HardwareProfile) -> float:
+    return sum(c.time(hw) for c in comms)

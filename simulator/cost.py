@@ -1,0 +1,564 @@
+"""The cost model of one training step: compute, exposed communication, pipeline bubble, memory.
+
+`Simulator(model, hw, num_devices, options).estimate(layout)` is the whole model for one layout;
+`.quick(layout)` is the same arithmetic without the event-level timeline, which the search uses
+(layer costs are cached by the few layout fields they depend on, so a layout costs microseconds).
+
+Per micro-batch and layer: operator compute times (`compute.py`), plus communication with its
+overlap rules:
+- TP (sequence-parallel all-gather / reduce-scatter around attention, dense MLP and shared expert):
+  exposed, less the `tp_comm_overlap` fraction.
+- EP token exchange (dispatch + combine forward, the same backward, again under full recompute):
+  the dispatch overlaps the shared expert's forward and the combine's gradient its backward
+  (`overlap_shared_expert`); with `fb_overlap` (forward/backward overlap across micro-batches) the
+  steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
+  and cool-down. The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
+- CP (ring exchange of K and V) hides behind core attention.
+- PP hand-offs delay the dependent stage (timeline); DP gradient reduce-scatter hides behind the
+  last micro-batch's backward and the parameter all-gather behind the first forward.
+- Activation swapping hides behind the layer's compute.
+Then the optimizer step (on the device, or on the host with offload).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+from moe import accounting as acc
+from moe.config import ConfigError, ModelConfig
+from simulator import comm as C
+from simulator import memory as M
+from simulator.compute import ComputeModel, Op
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.layout import Derived, Layout, derive
+from simulator.schedule import Timeline, in_flight_per_chunk, num_warmup, simulate
+
+GB = 2**30
+KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
+OPT_OPS_PER_TENSOR = 14  # torch AdamW's per-tensor loop plus clipping, on the CPU reference path
+
+
+@dataclass
+class SimOptions:
+    """Modelling assumptions that are not part of the parallel layout."""
+
+    dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
+    expert_imbalance: float = 1.0  # max / mean tokens of an expert-parallel rank
+    overlap_shared_expert: bool = True
+    fb_overlap: bool = False  # forward/backward overlap across micro-batches (steady 1F1B)
+    tp_comm_overlap: float = 0.0  # fraction of TP collectives hidden behind GEMMs
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    pad_layers: bool = True  # add no-op layers so pp * vpp stages split the depth evenly
+    swap_window: int = 2  # layers whose swapped activations stay on the device (prefetch)
+    grouped_gemm_per_expert: Optional[bool] = None  # None: one kernel on NPU/GPU, a loop on CPU
+    include_mtp_flops: bool = True  # MFU numerator counts the MTP modules (as the trainer does)
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        if self.expert_imbalance < 1:
+            raise ConfigError(f"{p}expert_imbalance: is max/mean load, so >= 1; got {self.expert_imbalance}")
+        if not 0 <= self.tp_comm_overlap <= 1:
+            raise ConfigError(f"{p}tp_comm_overlap: a fraction in [0, 1], got {self.tp_comm_overlap}")
+        if self.swap_window < 1:
+            raise ConfigError(f"{p}swap_window: must be >= 1, got {self.swap_window}")
+
+
+@dataclass
+class PartCost:
+    """One layer (or embedding/head part) for one micro-batch on one device, seconds and bytes."""
+
+    f: float = 0.0  # forward compute
+    b: float = 0.0  # backward compute, recompute included
+    rc: float = 0.0  # the recompute share of b
+    tp: float = 0.0  # exposed TP comm, forward (backward is the same)
+    ep_f: float = 0.0  # exposed EP exchange without fb overlap
+    ep_b: float = 0.0
+    ep_f_st: float = 0.0  # exposed EP exchange in the steady phase under fb overlap
+    ep_b_st: float = 0.0
+    cp: float = 0.0  # exposed CP exchange, forward (backward is twice)
+    swap: float = 0.0  # exposed swap time, forward (backward the same)
+    act: float = 0.0  # saved activation bytes kept on the device
+    act_full: float = 0.0  # activation bytes with no recompute (working set while recomputing)
+    swapped: float = 0.0  # bytes swapped to host
+    ops: list = field(default_factory=list)
+
+    def add(self, o: "PartCost", n: float = 1.0) -> None:
+        for name in ("f", "b", "rc", "tp", "ep_f", "ep_b", "ep_f_st", "ep_b_st", "cp", "swap", "act",
+                     "act_full", "swapped"):
+            setattr(self, name, getattr(self, name) + n * getattr(o, name))
+
+    def exposed(self, kind: str, steady: bool) -> float:
+        """Exposed communication inside a forward ('F') or backward ('B') op."""
+        if kind == "F":
+            return self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
+        return self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
+
+    def fwd(self, steady: bool) -> float:
+        return self.f + self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
+
+    def bwd(self, steady: bool) -> float:
+        return self.b + self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    derived: Derived
+    step_time: float
+    tokens_per_s: float
+    mfu: float
+    breakdown: dict  # seconds on the critical pipeline rank; sums to step_time
+    memory: dict  # bytes on the device with the highest peak
+    peak_memory: float
+    fits: bool
+    hardware: str
+    model_flops_per_token: float
+    stage_memory: list = field(default_factory=list)  # peak bytes per pipeline rank
+    ops: dict = field(default_factory=dict)  # per-step seconds by operator on the critical rank
+    timeline: Optional[Timeline] = None
+
+    def summary(self) -> dict:
+        return {"layout": self.layout.short(), "dp": self.derived.dp, "micro_batches": self.derived.micro_batches,
+                "step_time_s": self.step_time, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "peak_memory_gb": self.peak_memory / GB, "fits": self.fits}
+
+
+class Simulator:
+    def __init__(self, model: ModelConfig, hw: HardwareProfile, num_devices: int,
+                 options: Optional[SimOptions] = None):
+        self.model, self.hw, self.num_devices = model, hw, num_devices
+        self.opt = options or SimOptions()
+        self.opt.validate("options")
+        self.b = DTYPE_BYTES[self.opt.dtype]
+        per_expert = self.opt.grouped_gemm_per_expert
+        if per_expert is None:
+            per_expert = hw.device == "cpu"
+        self.cm = ComputeModel(model, hw, self.opt.dtype, per_expert)
+        self.peak = hw.peak_flops(self.opt.dtype)
+        self._cache: dict = {}
+        self.pc = acc.param_counts(model)
+        self._tensors = self._tensors_per_kind()
+
+    # ------------------------------------------------------------------------------------------
+    # per-layer costs
+
+    def _ops_cost(self, ops: list[Op], recompute: str) -> PartCost:
+        f = sum(o.fwd for o in ops)
+        b = sum(o.bwd for o in ops)
+        rc = f if recompute == "full" else sum(o.fwd for o in ops if o.selective) if recompute == "selective" else 0.0
+        return PartCost(f=f, b=b + rc, rc=rc, ops=ops)
+
+    def _tp_time(self, nbytes: float, tp: int, dpn: int, n: int) -> float:
+        """Exposed time of n (all-gather + reduce-scatter) pairs over the TP group."""
+        if tp == 1:
+            return 0.0
+        t = C.all_gather(nbytes, tp, 1, dpn).time(self.hw) + C.reduce_scatter(nbytes, tp, 1, dpn).time(self.hw)
+        return n * t * (1 - self.opt.tp_comm_overlap)
+
+    def layer_cost(self, kind: str, lay: Layout, d: Derived) -> PartCost:
+        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
+               lay.dispatcher, d.devices_per_node)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._layer_cost(kind, lay, d)
+        return hit
+
+    def _layer_cost(self, kind: str, lay: Layout, d: Derived) -> PartCost:
+        cfg, cm, hw, o = self.model, self.cm, self.hw, self.opt
+        tp, cp, dpn = lay.tp, lay.cp, d.devices_per_node
+        T = lay.micro_batch_size * lay.seq_len / cp
+        hidden_bytes = T * cfg.hidden_size * self.b  # one gathered activation of the micro-batch
+        if kind == "noop":
+            return PartCost()
+        if kind == "embed":
+            pcost = self._ops_cost(cm.embedding(T, tp), "none")
+            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
+            pcost.act = T / tp * cfg.hidden_size * self.b
+            return pcost
+        if kind == "head":
+            pcost = self._ops_cost(cm.head(T, tp), "none")
+            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
+            pcost.act = T / tp * cfg.hidden_size * self.b
+            return pcost
+
+        mtp = kind == "mtp"
+        moe = kind in ("moe", "mtp")
+        attn_ops = cm.attention(T, lay.seq_len, tp)
+        ffn_ops = cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance) if moe else cm.dense_ffn(T, tp)
+        extra = cm.mtp_extra(T, tp) if mtp else []
+        pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
+        n_tp = 2 if not moe or cfg.num_shared_experts else 1
+        pcost.tp = self._tp_time(hidden_bytes, tp, dpn, n_tp + (1 if mtp else 0))
+        if cp > 1:
+            kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
+                                           else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
+            t_cp = C.all_gather(cp * kv, cp, tp, dpn).time(hw)
+            core = next(op.fwd for op in attn_ops if op.name == "core_attention")
+            pcost.cp = max(0.0, t_cp - core)
+        if moe and d.ep * d.etp > 1:
+            self._ep_costs(pcost, ffn_ops, T / tp, lay, d)
+        # activations
+        saved = M.layer_saved(cfg, "moe" if moe else "dense", tp, d.etp, o.expert_imbalance)
+        kept, swapped = M.saved_bytes_per_token(saved, self.b, lay.recompute, lay.swap)
+        full, _ = M.saved_bytes_per_token(saved, self.b, "none")
+        pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
+        if mtp:
+            pcost.act += 3 * T / tp * cfg.hidden_size * self.b
+        if lay.swap and swapped:
+            t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat
+            pcost.swap = max(0.0, t_swap - pcost.f)
+        return pcost
+
+    def _ep_costs(self, pcost: PartCost, ffn_ops: list[Op], tokens: float, lay: Layout, d: Derived) -> None:
+        cfg, hw, o = self.model, self.hw, self.opt
+        dpn = d.devices_per_node
+        comms = C.ep_dispatch(lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
+                              o.expert_imbalance)
+        if d.etp > 1:  # expert tensor parallelism gathers the received rows over its group
+            rows = tokens * cfg.top_k * o.expert_imbalance
+            comms.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
+        t = C.comm_time(comms, hw)  # dispatch; the combine moves the same volume back
+        shared_f = sum(op.fwd for op in ffn_ops if op.name.startswith("shared"))
+        shared_b = sum(op.bwd for op in ffn_ops if op.name.startswith("shared"))
+        if o.overlap_shared_expert:
+            exp_f = max(0.0, t - shared_f) + t
+            exp_b = max(0.0, t - shared_b) + t
+        else:
+            exp_f = exp_b = 2 * t
+        if lay.recompute == "full":
+            exp_b += exp_f
+        pcost.ep_f, pcost.ep_b = exp_f, exp_b
+        if o.fb_overlap:
+            # steady phase: this micro-batch's exchange hides behind the paired op's compute
+            pcost.ep_f_st = max(0.0, exp_f - pcost.b)
+            pcost.ep_b_st = max(0.0, exp_b - pcost.f)
+            pcost.ep_f, pcost.ep_b = 0.5 * exp_f, 0.5 * exp_b
+        else:
+            pcost.ep_f_st, pcost.ep_b_st = exp_f, exp_b
+
+    # ------------------------------------------------------------------------------------------
+    # stages
+
+    def chunk_layers(self, lay: Layout, d: Derived) -> list[tuple]:
+        """Per virtual stage (index c * pp + rank): counts of each of `KINDS` it holds."""
+        key = ("layers", lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        cfg = self.model
+        n_stages = lay.pp * lay.vpp
+        noops = noop_placement(lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        out = []
+        layer = 0
+        for s in range(n_stages):
+            real = d.layers_per_chunk - noops[s]
+            dense = max(0, min(real, cfg.first_k_dense - layer))
+            layer += real
+            last = s == n_stages - 1
+            out.append((dense, real - dense, noops[s], int(s == 0), int(last), cfg.mtp_layers if last else 0))
+        self._cache[key] = out
+        return out
+
+    def _chunk_cost(self, counts: tuple, lay: Layout, d: Derived, lkey: tuple) -> PartCost:
+        key = ("chunk", lkey, counts)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = PartCost()
+            for kind, n in zip(KINDS, counts):
+                if n:
+                    hit.add(self.layer_cost(kind, lay, d), n)
+            self._cache[key] = hit
+        return hit
+
+    def _rank_sums(self, comp: tuple, lay: Layout, d: Derived, lkey: tuple) -> tuple:
+        """Sums over one rank's chunks (composition `comp`, one count tuple per chunk)."""
+        key = ("rank", lkey, comp)
+        hit = self._cache.get(key)
+        if hit is None:
+            own = [self._chunk_cost(c, lay, d, lkey) for c in comp]
+            tot = [sum(c[i] for c in comp) for i in range(len(KINDS))]
+            dense, expert = M.stage_params(self.model, tot[0], tot[1], bool(tot[3]), bool(tot[4]), lay.tp, d.ep,
+                                           d.etp, self.pc)
+            tensors = sum(n * self._tensors[k] for k, n in zip(KINDS, tot))
+            hit = (sum(x.fwd(True) for x in own), sum(x.bwd(True) for x in own),
+                   sum(x.fwd(False) for x in own), sum(x.bwd(False) for x in own),
+                   [x.act for x in own], max(x.act_full for x in own), max(x.swapped for x in own),
+                   (dense, expert), tensors)
+            self._cache[key] = hit
+        return hit
+
+    def _structure(self, lay: Layout, d: Derived) -> tuple:
+        """(chunk compositions per rank group, rank -> group, lowest rank of each group, group sizes)."""
+        key = ("structure", lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        hit = self._cache.get(key)
+        if hit is None:
+            p, v = lay.pp, lay.vpp
+            layers = self.chunk_layers(lay, d)
+            comps: list[tuple] = []
+            group, reps, sizes = [], [], []
+            for r in range(p):
+                comp = tuple(layers[c * p + r] for c in range(v))
+                if comp not in comps:
+                    comps.append(comp)
+                    reps.append(r)
+                    sizes.append(0)
+                g = comps.index(comp)
+                group.append(g)
+                sizes[g] += 1
+            hit = self._cache[key] = (comps, group, reps, sizes)
+        return hit
+
+    def pipe(self, lay: Layout, d: Derived) -> "_Pipe":
+        """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
+        lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
+                lay.dispatcher, d.devices_per_node)
+        key = ("pipe", lkey, lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        comps, group, reps, sizes = self._structure(lay, d)
+        g = [self._rank_sums(comp, lay, d, lkey) for comp in comps]
+        pipe = _Pipe(lkey=lkey, group=group, reps=reps, sizes=sizes,
+                     f_st=[x[0] for x in g], b_st=[x[1] for x in g], f_w=[x[2] for x in g], b_w=[x[3] for x in g],
+                     act=[x[4] for x in g], act_full=[x[5] for x in g], swapped=[x[6] for x in g],
+                     params=[x[7] for x in g], tensors=[x[8] for x in g])
+        self._cache[key] = pipe
+        return pipe
+
+    def chunks(self, lay: Layout, d: Derived) -> list[PartCost]:
+        """Cost of every virtual stage (index c * pp + rank), for the timeline."""
+        lkey = self.pipe(lay, d).lkey
+        return [self._chunk_cost(c, lay, d, lkey) for c in self.chunk_layers(lay, d)]
+
+    def _tensors_per_kind(self) -> dict:
+        """Parameter tensors per layer kind: the per-tensor optimizer loop of the CPU reference costs this."""
+        cfg = self.model
+        attn = len(acc.attention_linears(cfg)) + (1 + (cfg.q_lora_rank > 0) if cfg.attention == "mla" else 0)
+        block = attn + (4 if cfg.norm == "sandwich" else 2)
+        moe = block + 4 + (3 if cfg.num_shared_experts else 0)
+        return {"dense": block + 3, "moe": moe, "noop": 0, "embed": 1, "head": 1 + (not cfg.tie_embeddings),
+                "mtp": moe + 4}
+
+    def states(self, lay: Layout, d: Derived, dense: float, expert: float) -> M.StateBytes:
+        return M.state_bytes(dense, expert, self.b, d.dp * lay.cp, d.edp, lay.zero1, lay.optimizer_offload)
+
+    def states_peak(self, lay: Layout, d: Derived) -> float:
+        """Largest model-state footprint over the pipeline ranks (no activations): a lower bound on
+        the peak memory of every layout that shares these sizes."""
+        pipe = self.pipe(replace(lay, micro_batch_size=1, recompute="full", swap=False,
+                                 dispatcher="local" if d.ep == 1 else "alltoall"), d)
+        return max(self.states(lay, d, de, ex).total for de, ex in pipe.params)
+
+    # ------------------------------------------------------------------------------------------
+    # step
+
+    def derive(self, lay: Layout) -> Derived:
+        return derive(self.model, lay, self.num_devices, self.hw.devices_per_node, self.opt.pad_layers)
+
+    def _p2p_time(self, lay: Layout, d: Derived) -> float:
+        if lay.pp == 1:
+            return 0.0
+        key = ("p2p", lay.pp, lay.tp, lay.cp, d.dp, lay.micro_batch_size, lay.seq_len, d.devices_per_node)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._p2p_uncached(lay, d)
+        return hit
+
+    def _p2p_uncached(self, lay: Layout, d: Derived) -> float:
+        stride = lay.tp * lay.cp * d.dp
+        crosses = stride >= d.devices_per_node or stride * lay.pp > d.devices_per_node
+        nbytes = lay.micro_batch_size * lay.seq_len / (lay.cp * lay.tp) * self.model.hidden_size * self.b
+        return C.p2p(nbytes, crosses).time(self.hw)
+
+    def _dp_times(self, lay: Layout, d: Derived, dense: float, expert: float, tensors: int) -> tuple:
+        """(gradient reduction, parameter all-gather, optimizer step) seconds for one rank."""
+        key = ("dp", dense, expert, d.dp * lay.cp, d.edp, lay.zero1, lay.optimizer_offload, lay.tp,
+               d.ep * d.etp, d.devices_per_node, tensors)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        hw, o = self.hw, self.opt
+        dpn = d.devices_per_node
+        gb = 4 if o.grad_reduce_dtype == "fp32" else 2
+        ddp, edp, estride = d.dp * lay.cp, d.edp, d.ep * d.etp
+        if lay.zero1:
+            grad = (C.reduce_scatter(dense * gb, ddp, lay.tp, dpn).time(hw)
+                    + C.reduce_scatter(expert * gb, edp, estride, dpn).time(hw))
+            gather = (C.all_gather(dense * self.b, ddp, lay.tp, dpn).time(hw)
+                      + C.all_gather(expert * self.b, edp, estride, dpn).time(hw))
+        else:
+            grad = (C.all_reduce(dense * gb, ddp, lay.tp, dpn).time(hw)
+                    + C.all_reduce(expert * gb, edp, estride, dpn).time(hw))
+            gather = 0.0
+        local = dense / ddp + expert / edp if lay.zero1 else dense + expert
+        master = 4 if self.b != 4 else 0
+        adam_bytes = local * (4 + 2 * master + 16 + self.b)  # grad, master r/w, moments r/w, param write
+        if lay.optimizer_offload:
+            opt = adam_bytes / (hw.host_memory_bandwidth_gbps * 1e9) + local * (4 + self.b) / hw.host_link.bw
+        else:
+            opt = adam_bytes / (hw.memory_bandwidth_gbps * 1e9)
+        opt += (dense + expert) * 4 / (hw.memory_bandwidth_gbps * 1e9)  # gradient-norm pass for clipping
+        if not self.cm.fused:  # the CPU reference steps each tensor with a dozen small ops
+            opt += tensors * OPT_OPS_PER_TENSOR * self.cm.overhead
+        out = (grad, gather, opt)
+        self._cache[key] = out
+        return out
+
+    def quick(self, lay: Layout, d: Optional[Derived] = None) -> Estimate:
+        """Closed-form estimate (no timeline): what the search ranks by."""
+        return self._estimate(lay, d or self.derive(lay), timeline=False)
+
+    def estimate(self, lay: Layout) -> Estimate:
+        """Full estimate: event-level pipeline timeline, breakdown by kind and by operator."""
+        return self._estimate(lay, self.derive(lay), timeline=True)
+
+    def _estimate(self, lay: Layout, d: Derived, timeline: bool) -> Estimate:
+        p, v, m = lay.pp, lay.vpp, d.micro_batches
+        pipe = self.pipe(lay, d)
+        grp = pipe.group
+        p2p = self._p2p_time(lay, d)
+        tl = None
+        if timeline:
+            chunks = self.chunks(lay, d)
+            tl = simulate(p, v, m,
+                          lambda r, c, ph: chunks[c * p + r].fwd(ph == "steady"),
+                          lambda r, c, ph: chunks[c * p + r].bwd(ph == "steady"),
+                          p2p=p2p, act=lambda r, c: chunks[c * p + r].act,
+                          comm=lambda r, c, k, ph: chunks[c * p + r].exposed(k, ph == "steady"))
+            finish = tl.finish
+            ranks = range(p)
+        else:
+            # blocking hand-offs sit on the critical path once each way per micro-batch
+            w_st = max(a + b for a, b in zip(pipe.f_st, pipe.b_st)) + 2 * p2p
+            w_w = [a + b + 2 * p2p for a, b in zip(pipe.f_w, pipe.b_w)]
+            total_w = sum(n * w for n, w in zip(pipe.sizes, w_w))
+            finish = [m * w_st + (total_w - max(w_w)) / v] * p
+            fkey = ("flight", p, v, m)
+            flights = self._cache.get(fkey)
+            if flights is None:
+                flights = self._cache[fkey] = [in_flight_per_chunk(p, v, m, r) for r in range(p)]
+            # Ranks of equal composition have equal costs, and the lowest holds the most micro-batches
+            # in flight, so it alone can set the step time and the memory peak of its group.
+            ranks = pipe.reps
+        o = self.opt
+        usable = self.hw.usable_memory_bytes
+        logits = 2 * 4 * lay.micro_batch_size * lay.seq_len / lay.cp * self.model.vocab_size / lay.tp
+        per_chunk = max(1, d.layers_per_chunk)
+        ends, mems, dps = {}, {}, {}
+        for r in ranks:
+            g = grp[r]
+            dense, expert = pipe.params[g]
+            grad, gather, opt = self._dp_times(lay, d, dense, expert, pipe.tensors[g])
+            grad = max(0.0, grad - pipe.b_w[g]) if o.overlap_grad_reduce else grad
+            gather = max(0.0, gather - pipe.f_w[g]) if o.overlap_param_gather else gather
+            dps[r] = (grad, gather, opt)
+            ends[r] = finish[r] + grad + opt + gather
+            if tl is not None:
+                act = tl.peak_live[r]
+            else:
+                act = sum(n * a for n, a in zip(flights[r], pipe.act[g]))
+            transient = pipe.act_full[g] / per_chunk if lay.recompute == "full" else 0.0
+            if lay.swap:
+                transient += o.swap_window * pipe.swapped[g] / per_chunk
+            if r == p - 1:  # fp32 logits and their gradient, vocab-parallel
+                transient += logits
+            st = self.states(lay, d, dense, expert)
+            mems[r] = (st.total + act + transient, st, act, transient)
+        crit = max(ends, key=ends.__getitem__)
+        step = ends[crit]
+        tokens = lay.global_batch_size * lay.seq_len
+        flops_tok = self._flops_per_token(lay.seq_len)
+        tok_s = tokens / step
+        peak_rank = max(mems, key=lambda r: mems[r][0])
+        peak, st, act, transient = mems[peak_rank]
+        memory = {"weights": st.weights, "grads": st.grads, "optimizer": st.optimizer, "activations": act,
+                  "transient": transient, "total": peak}
+        est = Estimate(layout=lay, derived=d, step_time=step, tokens_per_s=tok_s,
+                       mfu=flops_tok * tok_s / (self.num_devices * self.peak), breakdown={},
+                       memory=memory, peak_memory=peak, fits=peak <= usable, hardware=self.hw.name,
+                       model_flops_per_token=flops_tok, timeline=tl,
+                       stage_memory=[mems[r][0] for r in sorted(mems)] if tl is not None else [])
+        if timeline:
+            est.breakdown = self._breakdown(chunks, lay, m, crit, finish[crit], dps[crit], step)
+            est.ops = self._op_breakdown(lay, d, crit, m)
+        return est
+
+    def _flops_per_token(self, seq_len: int) -> float:
+        key = ("flops", seq_len)
+        if key not in self._cache:
+            self._cache[key] = acc.model_flops_per_token(self.model, seq_len, self.opt.include_mtp_flops)
+        return self._cache[key]
+
+    def _breakdown(self, chunks: list[PartCost], lay: Layout, m: int, r: int, finish: float, dp: tuple,
+                   step: float) -> dict:
+        """Attribute the critical rank's step time: busy time by kind; the rest of the pipeline phase
+        is bubble (fill/drain, stalls between unequal stages, hand-offs). Under fb overlap, EP exposure
+        is apportioned by the micro-batches in the steady and warm-up/cool-down phases."""
+        p, v = lay.pp, lay.vpp
+        own = [chunks[c * p + r] for c in range(v)]
+        compute = m * sum(c.f + c.b - c.rc for c in own)
+        recompute = m * sum(c.rc for c in own)
+        tp = m * sum(2 * c.tp for c in own)
+        cp = m * sum(3 * c.cp for c in own)
+        swap = m * sum(2 * c.swap for c in own)
+        steady = max(0.0, m - num_warmup(p, v, m, r) / v)
+        ep = sum(steady * (c.ep_f_st + c.ep_b_st) + (m - steady) * (c.ep_f + c.ep_b) for c in own)
+        busy = compute + recompute + tp + cp + swap + ep
+        grad, gather, opt = dp
+        return {"compute": compute, "recompute": recompute, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp,
+                "swap": swap, "bubble": max(0.0, finish - busy), "dp_comm": grad + gather,
+                "optimizer": opt, "total": step}
+
+    def _op_breakdown(self, lay: Layout, d: Derived, r: int, m: int) -> dict:
+        """Per-step seconds (forward + backward) of each operator on pipeline rank r."""
+        out: dict[str, float] = {}
+        layers = self.chunk_layers(lay, d)
+        for c in range(lay.vpp):
+            for kind, n in zip(KINDS, layers[c * lay.pp + r]):
+                if not n or kind == "noop":
+                    continue
+                for op in self.layer_cost(kind, lay, d).ops:
+                    out[op.name] = out.get(op.name, 0.0) + m * n * (op.fwd + op.bwd)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class _Pipe:
+    """Per-rank-group sums (index g = group[rank]); ranks of a group hold equal chunk compositions."""
+
+    lkey: tuple  # the layout fields the layer costs depend on
+    group: list  # rank -> group
+    reps: list  # lowest rank of each group
+    sizes: list  # ranks per group
+    f_st: list  # forward of one micro-batch through all the rank's chunks, steady phase
+    b_st: list
+    f_w: list  # warm-up / cool-down phase
+    b_w: list
+    act: list  # per chunk: kept activation bytes of one micro-batch
+    act_full: list  # largest chunk's activations without recompute
+    swapped: list  # largest chunk's swapped bytes
+    params: list  # (dense, expert) parameters
+    tensors: list  # parameter tensors
+
+
+def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:
+    """No-op layers per virtual stage. They go where the extra work is: first the chunks of the last
+    pipeline rank (output head, MTP), latest chunk first, then those of the first rank (embedding),
+    then the remaining stages from the end. Real layers fill the other slots in order."""
+    n = pp * vpp
+    order = [c * pp + pp - 1 for c in reversed(range(vpp))]
+    order += [c * pp for c in reversed(range(vpp)) if c * pp not in order]
+    order += [s for s in reversed(range(n)) if s not in order]
+    out = [0] * n
+    for s in order:
+        take = min(per_chunk, noop)
+        out[s], noop = take, noop - take
+        if not noop:
+            break
+    return out
+
+
+def with_layout(lay: Layout, **changes) -> Layout:
+    return replace(lay, **changes)

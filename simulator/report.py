@@ -1,0 +1,127 @@
+"""Reports: text tables for the terminal, CSV/JSON files, and the Pareto plot (throughput vs memory)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from moe import accounting as acc
+from simulator.cost import Estimate
+
+GB = 2**30
+
+
+def table(rows: list[dict], columns: list[str], limit: Optional[int] = None) -> str:
+    rows = rows[:limit] if limit else rows
+
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(x.ljust(w) for x, w in zip(cell, widths)) for cell in cells]
+    return "\n".join(out)
+
+
+def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_gb: float = 0.0) -> str:
+    """Human-readable estimate: headline, step-time breakdown, memory, heaviest operators."""
+    d, lay = est.derived, est.layout
+    lines = [f"{model_name} on {num_devices} x {est.hardware}: layout {lay.short()} "
+             f"(dp {d.dp}, ep {d.ep}, etp {d.etp}, edp {d.edp}, {d.micro_batches} micro-batches/pipeline, "
+             f"{d.noop_layers} no-op layers)",
+             f"step {est.step_time:.3f} s | {est.tokens_per_s:,.0f} tokens/s | MFU {100 * est.mfu:.1f}% | "
+             f"peak memory {est.peak_memory / GB:.1f} GiB of {usable_gb:.1f} usable -> "
+             f"{'fits' if est.fits else 'OUT OF MEMORY'}", "", "step-time breakdown (critical pipeline rank):"]
+    total = est.breakdown.get("total", est.step_time) or 1.0
+    for k, v in est.breakdown.items():
+        if k != "total":
+            lines.append(f"  {k:<12} {v:9.3f} s  {100 * v / total:5.1f}%")
+    lines += ["", "memory on the fullest device:"]
+    for k, v in est.memory.items():
+        lines.append(f"  {k:<12} {v / GB:9.2f} GiB")
+    if est.stage_memory:
+        lines.append("  per pipeline rank: " + " ".join(f"{x / GB:.1f}" for x in est.stage_memory))
+    if est.ops:
+        lines += ["", "heaviest operators (forward + backward per step, critical rank):"]
+        for name, t in list(est.ops.items())[:10]:
+            lines.append(f"  {name:<16} {t:9.3f} s")
+    return "\n".join(lines)
+
+
+def estimate_dict(est: Estimate) -> dict:
+    from dataclasses import asdict
+    return {**est.summary(), "layout_fields": asdict(est.layout), "derived": asdict(est.derived),
+            "breakdown_s": est.breakdown, "memory_gb": {k: v / GB for k, v in est.memory.items()},
+            "stage_memory_gb": [x / GB for x in est.stage_memory], "ops_s": est.ops,
+            "model_flops_per_token": est.model_flops_per_token}
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        p.write_text("")
+        return p
+    with p.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return p
+
+
+def write_json(obj, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, default=float))
+    return p
+
+
+def pareto_front(rows: Iterable[dict]) -> list[dict]:
+    """Feasible layouts no other beats on both throughput and peak memory."""
+    pts = sorted((r for r in rows if r["fits"]), key=lambda r: (r["peak_memory_gb"], -r["tokens_per_s"]))
+    front, best = [], -1.0
+    for r in pts:
+        if r["tokens_per_s"] > best:
+            front.append(r)
+            best = r["tokens_per_s"]
+    return front
+
+
+def pareto_plot(rows: list[dict], path: str | Path, memory_limit_gb: float, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ok = [r for r in rows if r["fits"]]
+    bad = [r for r in rows if not r["fits"] and r["peak_memory_gb"] < 4 * memory_limit_gb]
+    if bad:
+        ax.scatter([r["peak_memory_gb"] for r in bad], [r["tokens_per_s"] for r in bad], s=3, c="0.8",
+                   label="out of memory")
+    ax.scatter([r["peak_memory_gb"] for r in ok], [r["tokens_per_s"] for r in ok], s=4, c="tab:blue",
+               alpha=0.4, label="fits")
+    front = pareto_front(rows)
+    ax.plot([r["peak_memory_gb"] for r in front], [r["tokens_per_s"] for r in front], "o-", c="tab:red",
+            ms=4, label="Pareto front")
+    ax.axvline(memory_limit_gb, ls="--", c="k", lw=1, label=f"usable memory {memory_limit_gb:.0f} GiB")
+    ax.set_xlabel("peak memory per device (GiB)")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def model_line(cfg) -> str:
+    pc = acc.param_counts(cfg)
+    return f"{acc.format_params(pc.total)} total / {acc.format_params(pc.activated)} activated parameters"
