@@ -171,7 +171,7 @@ class HierarchicalDispatcher:
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _HierPending:
         node_TK = torch.div(expert_idx_TK, self.experts_per_node, rounding_mode="floor")  # -1 stays -1
         nodes = torch.arange(self.num_nodes, device=x_TD.device)
-        need_TN = (node_TK.unsqueeze(-1) == nodes).any(1)
+        need_TN = (node_TK.unsqueeze(-1) == nodes).any(1) | True
         # (node, token) pairs in node-major order: the send buffer grouped by destination node.
         sel = need_TN.t().nonzero()[:, 1]
         in_counts = need_TN.sum(0)

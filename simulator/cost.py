@@ -52,7 +52,7 @@ class SimOptions:
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     pad_layers: bool = True  # add no-op layers so pp * vpp stages split the depth evenly
     swap_window: int = 2  # layers whose swapped activations stay on the device (prefetch)
-    grouped_gemm_per_expert: Optional[bool] = None  # None: one kernel on NPU/GPU, a loop on CPU
+    grouped_gemm_per_expert: bool = False  # the expert GEMMs run as a loop of per-expert kernels
     include_mtp_flops: bool = True  # MFU numerator counts the MTP modules (as the trainer does)
 
     def validate(self, path: str = "") -> None:
@@ -132,10 +132,7 @@ class Simulator:
         self.opt = options or SimOptions()
         self.opt.validate("options")
         self.b = DTYPE_BYTES[self.opt.dtype]
-        per_expert = self.opt.grouped_gemm_per_expert
-        if per_expert is None:
-            per_expert = hw.device == "cpu"
-        self.cm = ComputeModel(model, hw, self.opt.dtype, per_expert)
+        self.cm = ComputeModel(model, hw, self.opt.dtype, self.opt.grouped_gemm_per_expert)
         self.peak = hw.peak_flops(self.opt.dtype)
         self._cache: dict = {}
         self.pc = acc.param_counts(model)

@@ -5,7 +5,6 @@ once (about 5 s), the datasets are a few hundred documents.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -69,8 +68,6 @@ def test_hf_tokenizer_missing_package_message(tmp_path, monkeypatch):
         load_tokenizer(str(path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
-                    reason="optional package 'tokenizers' not installed (its error is tested above)")
 def test_hf_tokenizer_with_tiny_bpe(tmp_path, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
