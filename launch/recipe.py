@@ -70,11 +70,59 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where and when checkpoints are written, and how a run resumes (see launch/CHECKPOINTS.md)."""
+
+    dir: str = ""  # empty: <train.out_dir>/checkpoints
+    interval: int = 0  # save every N steps; 0: only at the end and on SIGTERM/SIGINT
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
+    async_save: bool = False  # copy to host memory, then write in a background thread
+    save_at_end: bool = True
+    resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; never; or a checkpoint path
+    fallback_to_previous: bool = True  # a corrupt newest checkpoint falls back to the one before it
+    verify: Literal["checksum", "size"] = "checksum"  # what loading checks against the manifest
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        if self.interval < 0:
+            raise ConfigError(f"{p}interval: must be >= 0 (0 saves only at the end), got {self.interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"{p}keep_last: must be >= 1, got {self.keep_last}")
+        if not self.resume:
+            raise ConfigError(f"{p}resume: use auto, never or the path of a checkpoint")
+
+
+@dataclass
+class ResilienceConfig:
+    """What the training loop does about bad steps and signals (launch/resilience.py)."""
+
+    max_nonfinite_in_row: int = 3  # abort after this many consecutive non-finite loss/grad-norm steps
+    spike_factor: float = 0.0  # skip a step whose loss > factor x mean of recent losses; 0: off
+    spike_window: int = 50  # accepted losses the spike detector averages over
+    spike_min_history: int = 10  # accepted losses needed before spikes are detected
+    max_spikes_in_row: int = 3  # abort after this many consecutive spikes
+    handle_signals: bool = True  # SIGTERM/SIGINT: finish the step, save, exit cleanly
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        for name in ("max_nonfinite_in_row", "max_spikes_in_row", "spike_window", "spike_min_history"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ConfigError(f"{p}spike_factor: must be > 1 (or 0 to disable), got {self.spike_factor}")
+        if self.spike_min_history > self.spike_window:
+            raise ConfigError(f"{p}spike_min_history: {self.spike_min_history} exceeds spike_window="
+                              f"{self.spike_window}; lower it or widen the window")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)  # YAML: inline mapping or a path to a model YAML
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def validate(self, path: str = "") -> None:
         if self.train.seq_len > self.model.max_seq_len:

@@ -21,8 +21,11 @@ import numpy as np
 import torch
 import yaml
 
+from launch.distributed import init_distributed, shutdown
 from launch.metrics import MetricsLogger, imbalance, short_line
 from launch.recipe import Recipe, TrainConfig, load_recipe
+from launch.checkpoint import CheckpointError
+from launch.resilience import Recovery, TrainingAborted
 from moe.accounting import format_params, model_flops_per_token, param_counts
 from moe.config import ConfigError, to_dict
 from moe.model import MoETransformer
@@ -86,9 +89,11 @@ def _autocast(device: str, dtype: str):
 
 
 def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device: str,
-               grad_reducer=None) -> dict:
+               grad_reducer=None, check_step=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches. `grad_reducer` (set by `parallel/`)
-    reduces gradients across data-parallel ranks and returns the global gradient norm."""
+    reduces gradients across data-parallel ranks and returns the global gradient norm.
+    `check_step(loss, grad_norm)` (launch/resilience.py) may veto the update: the gradients are then
+    dropped and weights, optimizer state and router biases stay unchanged."""
     model.train()
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "mtp_loss": 0.0}
     moe_layers = model.moe_layers()
@@ -110,9 +115,16 @@ def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-    optimizer.step()
+    skip = check_step(sums["loss"], grad_norm) if check_step is not None else None
+    if skip is None:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.update_expert_bias()
+    if skip is None:
+        model.update_expert_bias()
+    else:  # the skipped step's routing counts must not steer the next bias update
+        for m in moe_layers:
+            m.router.load_since_update.zero_()
+    sums["skipped"] = 0 if skip is None else 1
     imb = [imbalance(x) for x in load]
     sums.update(grad_norm=grad_norm, layer_imbalance=[x for x in imb if x is not None],
                 expert_load=[x.tolist() for x in load])
@@ -131,21 +143,45 @@ def evaluate(model, batches: Iterator[dict], n: int, t: TrainConfig, device: str
     return sum(losses) / max(1, len(losses))
 
 
-def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True) -> list[dict]:
-    """Train according to `recipe` on this process; return the per-step metrics."""
+def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
+        stop_after: Optional[int] = None) -> list[dict]:
+    """Train according to `recipe` on this process; return the per-step metrics of this run.
+
+    Resumes from the newest checkpoint when there is one (recipe.checkpoint), saves every
+    `checkpoint.interval` steps and at the end, skips non-finite or spiking steps
+    (recipe.resilience), and on SIGTERM/SIGINT (or after `stop_after` steps) saves and returns.
+
+    Under torchrun (WORLD_SIZE > 1) every rank builds the full model from the same seed, `parallel/`
+    shards its experts and installs the dispatchers, each data-parallel rank reads its slice of the
+    global batch, gradients are reduced by the runtime, and only rank 0 logs (global-batch losses)."""
     t = recipe.train
+    rt = init_distributed(recipe)  # validates the parallel layout first; None for a single process
     device = resolve_device_type(t.device)
     seed_everything(t.seed)
     model = build_model(recipe, device)
+    if rt is not None:
+        rt.parallelize(model)  # before the optimizer: expert parameters are replaced by their shards
     optimizer = build_optimizer(model, t)
-    train_it, valid_it = build_data(recipe)
+    if rt is not None:
+        optimizer = rt.wrap_optimizer(optimizer, model)
+    dp_rank, dp, world = (rt.dp_rank, rt.dp_size, rt.layout.world) if rt is not None else (0, 1, 1)
+    log = log and (rt is None or rt.is_main)
+    train_it, valid_it = build_data(recipe, rank=dp_rank, world=dp)
+
+    def eval_loss() -> float:
+        loss = evaluate(model, valid_it(), t.eval_batches, t, device)
+        if rt is None:
+            return loss
+        rt.stats.reset()  # evaluation traffic is not part of the next training step's metrics
+        return rt.mean_over_dp({"eval": loss})["eval"]
+
     out_dir = Path(t.out_dir)
     logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, enabled=log)
     counts = param_counts(recipe.model)
     flops_per_token = model_flops_per_token(recipe.model, t.seq_len)
     peak = device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
-    tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum
-    show = t.progress if progress is None else progress
+    tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum * dp
+    show = (t.progress if progress is None else progress) and (rt is None or rt.is_main)
     if log:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
@@ -153,46 +189,60 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True) -> li
               f"{flops_per_token / 1e6:.2f} MFLOP/token (train); device {device}; "
               f"peak {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})", flush=True)
 
+    recovery = Recovery(recipe, model, optimizer, train_it, rt, device, log=log, stop_after=stop_after)
+    start_step = recovery.resume()
     history: list[dict] = []
-    bar = _progress(t.steps, show)
+    bar = _progress(t.steps, show, initial=start_step)
+    final_eval = None
     try:
-        for step in range(t.steps):
+        recovery.start()
+        for step in range(start_step, t.steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, t)
             start = time.perf_counter()
-            m = train_step(model, optimizer, train_it, t, device)
+            m = train_step(model, optimizer, train_it, t, device,
+                           grad_reducer=rt.grad_reducer if rt is not None else None,
+                           check_step=lambda loss, norm: recovery.check(step + 1, loss, norm))
             elapsed = time.perf_counter() - start
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']}; lower train.lr or check the data")
+            if rt is not None:  # global-batch losses, and bytes/tokens the dispatchers moved
+                m.update(rt.mean_over_dp({k: m[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "mtp_loss")}))
+                m.update(rt.step_metrics())
             tok_s = tokens_per_step / elapsed
             layer_imb = m.pop("layer_imbalance")
             m.update(lr=lr_at(step, t), step_time_s=elapsed, tokens_per_s=tok_s,
-                     mfu=flops_per_token * tok_s / peak.flops_per_s,
+                     mfu=flops_per_token * tok_s / (peak.flops_per_s * world),
                      max_imbalance=max(layer_imb) if layer_imb else 1.0, layer_imbalance=layer_imb)
             if t.eval_interval and (step + 1) % t.eval_interval == 0:
-                m["eval_loss"] = evaluate(model, valid_it(), t.eval_batches, t, device)
+                m["eval_loss"] = eval_loss()
             history.append(m)
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
                 logger.log(step + 1, {k: v for k, v in m.items() if k != "expert_load"})
             if bar is not None:
                 bar.set_postfix_str(short_line(m), refresh=False)
                 bar.update(1)
-        final_eval = evaluate(model, valid_it(), t.eval_batches, t, device)
+            if recovery.end_of_step(step + 1, tokens_per_step):
+                break  # stop requested: the checkpoint is saved; skip the final evaluation
+        else:
+            recovery.finish(t.steps)
+            final_eval = eval_loss() if history else None
     finally:
+        recovery.close()
         if bar is not None:
             bar.close()
         logger.close()
+    if final_eval is None:  # stopped early, or resumed a run that had already finished
+        return history
     history[-1]["eval_loss"] = final_eval
     if log:
         _summarise(history, out_dir, peak.source)
     return history
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool, initial: int = 0):
     if not show:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
 
 
 def _summarise(history: list[dict], out_dir: Path, peak_source: str) -> None:
@@ -233,9 +283,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
         run(recipe, progress=not args.no_progress and None)
+        shutdown()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingAborted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -20,6 +20,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+# Newer torch renamed the single-tensor all-gather / reduce-scatter (the old names now warn); older
+# torch (the project allows >= 2.6) has only the old names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class CommStats:
     """Bytes this rank sent since the last `reset`, intra-node vs inter-node, and tokens received."""
 
@@ -110,12 +116,12 @@ def exchange_counts(send_counts: Tensor, group, stats: Optional[CommStats] = Non
     return recv
 
 
-def all_gather_sizes(n: int, group, stats: Optional[CommStats] = None) -> list[int]:
+def all_gather_sizes(n: int, group, stats: Optional[CommStats] = None, device="cpu") -> list[int]:
     size = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.int64)
-    out = torch.empty(size, dtype=torch.int64)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)  # HCCL/NCCL take device tensors only
+    out = torch.empty(size, dtype=torch.int64, device=device)
     _record(stats, group, [1] * size, mine)
-    dist.all_gather_into_tensor(out, mine, group=group)
+    all_gather_single(out, mine, group=group)
     return out.tolist()
 
 
@@ -129,7 +135,7 @@ class _AllGatherPadded(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((n * x.shape[0], *x.shape[1:]))
         _record(stats, group, [rows] * n, x)  # the padding is not payload
-        work = dist.all_gather_into_tensor(out, x, group=group, async_op=box is not None)
+        work = all_gather_single(out, x, group=group, async_op=box is not None)
         if box is not None:
             box.append((work, x))
         return out
@@ -140,7 +146,7 @@ class _AllGatherPadded(torch.autograd.Function):
         grad = grad.contiguous()
         grad_in = grad.new_empty((grad.shape[0] // n, *grad.shape[1:]))
         _record(ctx.stats, ctx.group, [grad_in.shape[0]] * n, grad)
-        dist.reduce_scatter_tensor(grad_in, grad, group=ctx.group)
+        reduce_scatter_single(grad_in, grad, group=ctx.group)
         return grad_in, None, None, None, None
 
 
@@ -154,7 +160,7 @@ class _ReduceScatterPadded(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
         _record(stats, group, rows_per_peer, x)
-        dist.reduce_scatter_tensor(out, x, group=group)
+        reduce_scatter_single(out, x, group=group)
         return out
 
     @staticmethod
@@ -164,7 +170,7 @@ class _ReduceScatterPadded(torch.autograd.Function):
         grad_in = grad.new_empty((n * grad.shape[0], *grad.shape[1:]))
         me = dist.get_rank(ctx.group)
         _record(ctx.stats, ctx.group, [ctx.rows[me]] * n, grad)
-        dist.all_gather_into_tensor(grad_in, grad, group=ctx.group)
+        all_gather_single(grad_in, grad, group=ctx.group)
         return grad_in, None, None, None
 
 

@@ -6,6 +6,7 @@ inconsistency is one `ConfigError` naming the field to change, not a hang inside
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -70,7 +71,8 @@ class ParallelConfig:
         if stage % (ep_size * self.expert_tp):
             what = f"ep*tp = {ep_size}" if self.tp_extend_ep else f"ep = {self.ep}"
             raise ConfigError(f"{p}ep: {what} does not divide the {stage} ranks of a pipeline stage "
-                              f"(world size {world_size} / pp {self.pp}); choose ep among {_divisors(stage // self.expert_tp)}")
+                              f"(world size {world_size} / pp {self.pp}); choose ep among {_divisors(stage // self.expert_tp)} "
+                              f"or start a multiple of {self.pp * math.lcm(ep_size * self.expert_tp, self.tp * self.cp)} processes")
         if model is not None and model.num_experts % ep_size:
             raise ConfigError(f"{p}ep: model.num_experts={model.num_experts} is not divisible by "
                               f"{'ep*tp' if self.tp_extend_ep else 'ep'}={ep_size}; choose ep among "

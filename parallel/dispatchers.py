@@ -36,7 +36,7 @@ def chunk_permutation(counts_SE: Tensor) -> Tensor:
 
 def _inverse(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
 
 
@@ -117,7 +117,7 @@ class AllGatherDispatcher:
         self.num_local_experts = num_experts // self.size
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _AGPending:
-        sizes = all_gather_sizes(x_TD.shape[0], self.group, self.stats)
+        sizes = all_gather_sizes(x_TD.shape[0], self.group, self.stats, x_TD.device)
         gathered, handles = [], []
         for t in (x_TD, expert_idx_TK, weights_TK):
             buf, handle, unpad = all_gather(t, sizes, self.group, self.stats, async_op=self.overlap)
@@ -171,7 +171,7 @@ class HierarchicalDispatcher:
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _HierPending:
         node_TK = torch.div(expert_idx_TK, self.experts_per_node, rounding_mode="floor")  # -1 stays -1
         nodes = torch.arange(self.num_nodes, device=x_TD.device)
-        need_TN = (node_TK.unsqueeze(-1) == nodes).any(1) | True
+        need_TN = (node_TK.unsqueeze(-1) == nodes).any(1)
         # (node, token) pairs in node-major order: the send buffer grouped by destination node.
         sel = need_TN.t().nonzero()[:, 1]
         in_counts = need_TN.sum(0)

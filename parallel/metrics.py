@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.comm import CommStats
+from parallel.comm import CommStats, all_gather_single
 from parallel.mesh import Meshes
 
 
@@ -17,7 +17,7 @@ def step_metrics(stats: CommStats, meshes: Meshes, device: str = "cpu") -> dict:
     mine = torch.tensor([stats.intra_bytes, stats.inter_bytes, stats.tokens_received],
                         dtype=torch.int64, device=device)
     every = mine.new_empty(layout.world * 3)
-    dist.all_gather_into_tensor(every, mine)
+    all_gather_single(every, mine)
     every = every.view(layout.world, 3).cpu()
     stats.reset()
     # Token copies per EP index, summed over the replicas (expert grid: pp, edp, ep, etp).

@@ -27,8 +27,9 @@ from parallel.zero import ZeroOptimizer
 
 def validate_layout(cfg: ParallelConfig, model: ModelConfig, world: int) -> Layout:
     """Every check that needs no process group; call it before creating one."""
+    layout = Layout.build(cfg, world, model)
     check_runtime_support(cfg)
-    return Layout.build(cfg, world, model)
+    return layout
 
 
 @dataclass

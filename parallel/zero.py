@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.comm import all_gather_single
 from parallel.mesh import Meshes
 
 
@@ -53,7 +54,7 @@ class _Bucket:
         padded = self.shard.new_zeros(self.shard_len)
         padded[: self.hi - self.lo] = self.shard
         full = padded.new_empty(self.size * self.shard_len)
-        dist.all_gather_into_tensor(full, padded, group=self.group)
+        all_gather_single(full, padded, group=self.group)
         offset = 0
         for p in self.params:
             p.copy_(full[offset:offset + p.numel()].view_as(p))

@@ -1,12 +1,14 @@
 """Calibration: microbenchmarks on this machine, fitted into a hardware profile.
 
 Measures, with the same PyTorch the trainer uses:
-- matmul time over a grid of (m, k, n) shapes: the best rate becomes the peak, and the matmul
-  efficiency curve (peak_fraction, half_dim) is fitted to all shapes through the same roofline the
-  cost model evaluates;
-- causal scaled-dot-product attention, giving the attention factor against a GEMM of its shape;
+- linear layers forward + backward over a grid of (m, k, n) shapes: the best rate becomes the peak,
+  and the matmul efficiency curve (peak_fraction, half_dim) is fitted to all shapes through the same
+  roofline the cost model evaluates;
+- causal scaled-dot-product attention forward + backward, giving the attention factor against a
+  GEMM of its shape;
 - memory bandwidth (a large element-wise add) and the fixed cost of one operator under autograd
   (a chain of tiny ops, forward and backward);
+- the project's element-wise operators and the optimizer step (`opbench.py`);
 - gloo collectives (all-reduce, all-gather, all-to-all) at world sizes 2 and 4, spawned with
   torch.multiprocessing; bandwidth and per-step latency are fitted to the step and byte counts of
   `comm.py`, so prediction and measurement use the same formulas.
@@ -27,39 +29,16 @@ import yaml
 
 from simulator.comm import all_gather, all_reduce, all_to_all
 from simulator.hardware import HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
+from simulator.opbench import attention_fwd_bwd, eltwise_costs, linear_fwd_bwd, optimizer_cost, timed
 
 DEFAULT_OUT = HARDWARE_DIR / "cpu_calibrated.yaml"
-
-
-def best_time(fn: Callable[[], object], repeats: int = 5, min_seconds: float = 0.0) -> float:
-    """Fastest of `repeats` runs (after one warm-up): the least disturbed by other load."""
-    fn()
-    best, start, n = math.inf, time.perf_counter(), 0
-    while n < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        n += 1
-    return best
-
-
-def measure_matmuls(dims_m, dims_k, dims_n, dtype=torch.float32) -> list[tuple[int, int, int, float]]:
-    out = []
-    for m in dims_m:
-        for k in dims_k:
-            for n in dims_n:
-                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-                reps = 3 if m * k * n > 2**28 else 7
-                out.append((m, k, n, best_time(lambda: a @ b, reps)))
-    return out
 
 
 def measure_bandwidth(elems: int = 8 * 2**20) -> float:
     """Bytes/s of an element-wise add (two reads, one write) on fp32 tensors far larger than cache."""
     x, y = torch.randn(elems), torch.randn(elems)
     z = torch.empty(elems)
-    t = best_time(lambda: torch.add(x, y, out=z), 7)
-    return 3 * 4 * elems / t
+    return 3 * 4 * elems / timed(lambda: torch.add(x, y, out=z), min_s=0.1)
 
 
 def measure_op_overhead(chain: int = 20) -> float:
@@ -73,34 +52,50 @@ def measure_op_overhead(chain: int = 20) -> float:
             y = y * 1.0001
         y.sum().backward()
 
-    return best_time(run, 15) / (3 * chain)
+    return timed(run) / (3 * chain)
 
 
-def measure_attention(peak: float, eff: MatmulEfficiency, shapes=((2, 4, 256, 48), (4, 4, 128, 48))) -> float:
-    """Attention factor: measured causal SDPA forward rate over the GEMM model's rate for its shape."""
-    ratios = []
-    for b, h, s, d in shapes:
-        q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
-        t = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), 5)
-        flops = 2.0 * b * h * s * (s / 2) * (d + d)
-        ratios.append((flops / t) / (peak * eff(s, d, s / 2)))
-    return float(min(2.0, max(0.05, statistics.geometric_mean(ratios))))
+def _gemm(eff: MatmulEfficiency, peak: float, mem_bw: float, m: float, k: float, n: float) -> float:
+    return max(2.0 * m * k * n / (peak * eff(m, k, n)), 4 * (m * k + k * n + m * n) / mem_bw)
 
 
-def fit_matmul(samples, peak: float, mem_bw: float, overhead: float) -> tuple[MatmulEfficiency, float]:
-    """Grid-fit (peak_fraction, half_dim) minimising squared log error of the roofline prediction."""
+def predict_linear(eff: MatmulEfficiency, peak: float, mem_bw: float, overhead: float, m, k, n) -> float:
+    """compute.py's forward + backward of one linear layer: y, data gradient, weight gradient."""
+    return (_gemm(eff, peak, mem_bw, m, k, n) + _gemm(eff, peak, mem_bw, m, n, k)
+            + _gemm(eff, peak, mem_bw, k, m, n) + 3 * overhead)
+
+
+def measure_linears(dims_m, dims_kn) -> list[tuple[int, int, int, float]]:
+    return [(m, k, n, linear_fwd_bwd(m, k, n)) for m in dims_m for k in dims_kn for n in dims_kn]
+
+
+def fit_matmul(samples, mem_bw: float, overhead: float) -> tuple[float, MatmulEfficiency, float]:
+    """Peak (the best forward + backward rate) and a grid fit of (peak_fraction, half_dim)
+    minimising the squared log error of `predict_linear`."""
+    peak = max(6.0 * m * k * n / t for m, k, n, t in samples)
     best = (math.inf, None)
     for half in [0] + [2 ** (i / 2) for i in range(2, 21)]:
         for pf in [0.3 + 0.025 * i for i in range(29)]:
             eff = MatmulEfficiency(peak_fraction=pf, half_dim=half)
-            err = 0.0
-            for m, k, n, t in samples:
-                pred = max(2.0 * m * k * n / (peak * eff(m, k, n)), 4 * (m * k + k * n + m * n) / mem_bw) + overhead
-                err += math.log(pred / t) ** 2
+            err = sum(math.log(predict_linear(eff, peak, mem_bw, overhead, m, k, n) / t) ** 2
+                      for m, k, n, t in samples)
             if err < best[0]:
                 best = (err, eff)
-    rms = math.sqrt(best[0] / len(samples))
-    return best[1], rms
+    return peak, best[1], math.sqrt(best[0] / len(samples))
+
+
+def fit_attention(peak: float, eff: MatmulEfficiency, overhead: float,
+                  shapes=((4, 4, 128, 48, 32), (2, 4, 256, 48, 32))) -> float:
+    """Attention factor such that compute.py's core attention (forward t, backward 2.5 t) matches
+    measured causal SDPA forward + backward."""
+    from simulator.compute import CORE_ATTN_BWD_FACTOR
+    ratios = []
+    for b, h, s, dq, dv in shapes:
+        t = attention_fwd_bwd(b, h, s, dq, dv)
+        flops = 2.0 * b * s * h * (s / 2) * (dq + dv)
+        ideal = (1 + CORE_ATTN_BWD_FACTOR) * flops / (peak * eff(s, dq, s / 2))
+        ratios.append(ideal / max(t - (1 + CORE_ATTN_BWD_FACTOR) * overhead, 1e-9))
+    return float(min(2.0, max(0.01, statistics.geometric_mean(ratios))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +119,9 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
             buf = torch.randn(n)
             out = torch.empty(n)
             shard = torch.randn(n // world)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             ops = {"all_reduce": lambda: dist.all_reduce(buf),
-                   "all_gather": lambda: dist.all_gather_into_tensor(out, shard),
+                   "all_gather": lambda: gather(out, shard),
                    "all_to_all": lambda: dist.all_to_all_single(out, buf)}
             for name, fn in ops.items():
                 times = []
@@ -183,22 +179,38 @@ def fit_link(samples: list[tuple]) -> tuple[Link, float]:
     return Link(bandwidth_gbps=1 / inv_bw / 1e9, latency_us=lat * 1e6), rms
 
 
-def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: bool = True,
+def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: bool = True, threads: int = 1,
               log: Callable[[str], None] = print) -> HardwareProfile:
+    """Measure and write a profile. One torch thread by default: on a shared machine a multi-threaded
+    matmul stalls whenever a sibling thread is descheduled, so single-threaded timings are the
+    repeatable ones; `validate` runs the trainer with the profile's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _calibrate(out, quick, collectives, threads, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> HardwareProfile:
     t_start = time.perf_counter()
-    threads = torch.get_num_threads()
     log(f"calibrating on {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads")
     mem_bw = measure_bandwidth()
     overhead = measure_op_overhead()
     log(f"  memory bandwidth {mem_bw / 1e9:.1f} GB/s, op overhead {overhead * 1e6:.1f} us")
-    dims = [16, 64, 256, 1024] if not quick else [32, 256, 1024]
-    samples = measure_matmuls(dims, dims[1:], dims[1:])
-    peak = max(2.0 * m * k * n / t for m, k, n, t in samples)
-    eff, rms = fit_matmul(samples, peak, mem_bw, overhead)
-    log(f"  matmul peak {peak / 1e9:.1f} GFLOP/s over {len(samples)} shapes; fitted peak_fraction "
+    dims_m = [64, 256, 1024, 4096] if not quick else [64, 512, 2048]
+    dims_kn = [64, 256, 1024] if not quick else [64, 512]
+    samples = measure_linears(dims_m, dims_kn)
+    peak, eff, rms = fit_matmul(samples, mem_bw, overhead)
+    log(f"  linear fwd+bwd: peak {peak / 1e9:.1f} GFLOP/s over {len(samples)} shapes; fitted peak_fraction "
         f"{eff.peak_fraction:.3f}, half_dim {eff.half_dim:.1f} (rms log error {rms:.2f})")
-    eff.attention_factor = measure_attention(peak, eff)
+    eff.attention_factor = fit_attention(peak, eff, overhead)
     log(f"  attention factor {eff.attention_factor:.2f}")
+    router_gemm = lambda T: predict_linear(eff, peak, mem_bw, overhead, T, 256, 8)  # noqa: E731
+    ops = eltwise_costs(router_gemm=router_gemm)
+    opt_cost = optimizer_cost()
+    log("  operators (fixed us, ns/element): " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.2f}" for k, v in ops.items()))
+    log(f"  optimizer: {opt_cost[0]:.1f} us/tensor, {opt_cost[1]:.2f} ns/parameter")
     link, link_rms = Link(bandwidth_gbps=mem_bw / 1e9, latency_us=50.0), float("nan")
     coll = []
     if collectives:
@@ -212,7 +224,8 @@ def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: b
         memory_gb=mem_gb, memory_bandwidth_gbps=mem_bw / 1e9, devices_per_node=os.cpu_count() or 1,
         intra_node=link, inter_node=Link(link.bandwidth_gbps, link.latency_us),
         host_link=Link(mem_bw / 1e9, 1.0), matmul=eff, host_memory_bandwidth_gbps=mem_bw / 1e9,
-        op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4),
+        op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4), cpu_threads=threads,
+        op_costs=ops, optimizer_cost=opt_cost,
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))

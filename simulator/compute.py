@@ -82,6 +82,10 @@ class ComputeModel:
 
     def eltwise(self, name: str, kind: str, elems: float, elem_bytes: float | None = None,
                 selective: bool = False) -> Op:
+        measured = self.hw.op_costs.get(kind)
+        if measured:  # calibrated forward + backward cost; backward does about twice the work
+            t = measured[0] * 1e-6 + measured[1] * 1e-9 * elems
+            return Op(name, t / 3, 2 * t / 3, 0.0, selective)
         passes, k_fused, k_unfused = _ELTWISE[kind]
         kernels = k_fused if self.fused else k_unfused
         t = passes * elems * (elem_bytes or self.b) / self.mem_bw

@@ -35,7 +35,6 @@ from simulator.schedule import Timeline, in_flight_per_chunk, num_warmup, simula
 
 GB = 2**30
 KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
-OPT_OPS_PER_TENSOR = 14  # torch AdamW's per-tensor loop plus clipping, on the CPU reference path
 
 
 @dataclass
@@ -170,14 +169,14 @@ class Simulator:
         if kind == "noop":
             return PartCost()
         if kind == "embed":
+            # its output is the first layer's input, already counted there; the lookup keeps ids only
             pcost = self._ops_cost(cm.embedding(T, tp), "none")
             pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
-            pcost.act = T / tp * cfg.hidden_size * self.b
             return pcost
         if kind == "head":
             pcost = self._ops_cost(cm.head(T, tp), "none")
             pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
-            pcost.act = T / tp * cfg.hidden_size * self.b
+            pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b)
             return pcost
 
         mtp = kind == "mtp"
@@ -201,8 +200,8 @@ class Simulator:
         kept, swapped = M.saved_bytes_per_token(saved, self.b, lay.recompute, lay.swap)
         full, _ = M.saved_bytes_per_token(saved, self.b, "none")
         pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
-        if mtp:
-            pcost.act += 3 * T / tp * cfg.hidden_size * self.b
+        if mtp:  # its norms and projection input, and another pass through the head
+            pcost.act += T * (3 * cfg.hidden_size / tp * self.b + M.head_saved_bytes_per_token(cfg, tp, self.b))
         if lay.swap and swapped:
             t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat
             pcost.swap = max(0.0, t_swap - pcost.f)
@@ -269,21 +268,54 @@ class Simulator:
             self._cache[key] = hit
         return hit
 
+    def _kind_vectors(self, lay: Layout, d: Derived, lkey: tuple) -> tuple:
+        """Per quantity, the value of one part of each kind in `KINDS`: steady and warm-up forward and
+        backward time, kept activations, activations without recompute, swapped bytes."""
+        key = ("kinds", lkey)
+        hit = self._cache.get(key)
+        if hit is None:
+            costs = [self.layer_cost(k, lay, d) for k in KINDS]
+            hit = self._cache[key] = tuple(
+                tuple(fn(c) for c in costs) for fn in (
+                    lambda c: c.fwd(True), lambda c: c.bwd(True), lambda c: c.fwd(False), lambda c: c.bwd(False),
+                    lambda c: c.act, lambda c: c.act_full, lambda c: c.swapped))
+        return hit
+
     def _rank_sums(self, comp: tuple, lay: Layout, d: Derived, lkey: tuple) -> tuple:
-        """Sums over one rank's chunks (composition `comp`, one count tuple per chunk)."""
+        """Sums over one rank's chunks (composition `comp`, one count tuple per chunk). Chunk costs are
+        linear in their part counts, so these are dot products with `_kind_vectors` over the kinds
+        present (precomputed per composition)."""
         key = ("rank", lkey, comp)
         hit = self._cache.get(key)
         if hit is None:
-            own = [self._chunk_cost(c, lay, d, lkey) for c in comp]
-            tot = [sum(c[i] for c in comp) for i in range(len(KINDS))]
-            dense, expert = M.stage_params(self.model, tot[0], tot[1], bool(tot[3]), bool(tot[4]), lay.tp, d.ep,
-                                           d.etp, self.pc)
-            tensors = sum(n * self._tensors[k] for k, n in zip(KINDS, tot))
-            hit = (sum(x.fwd(True) for x in own), sum(x.bwd(True) for x in own),
-                   sum(x.fwd(False) for x in own), sum(x.bwd(False) for x in own),
-                   [x.act for x in own], max(x.act_full for x in own), max(x.swapped for x in own),
-                   (dense, expert), tensors)
+            f_st, b_st, f_w, b_w, act, act_full, swapped = self._kind_vectors(lay, d, lkey)
+            tot, chunks, params_key, tensors = self._composition(comp)
+            hit = (sum(f_st[i] * n for i, n in tot), sum(b_st[i] * n for i, n in tot),
+                   sum(f_w[i] * n for i, n in tot), sum(b_w[i] * n for i, n in tot),
+                   [sum(act[i] * n for i, n in c) for c in chunks],
+                   max(sum(act_full[i] * n for i, n in c) for c in chunks),
+                   max(sum(swapped[i] * n for i, n in c) for c in chunks),
+                   self._params(params_key, lay.tp, d.ep, d.etp), tensors)
             self._cache[key] = hit
+        return hit
+
+    def _composition(self, comp: tuple) -> tuple:
+        """(nonzero (kind, count) totals, the same per chunk, totals tuple, parameter tensors)."""
+        key = ("comp", comp)
+        hit = self._cache.get(key)
+        if hit is None:
+            tot = tuple(sum(col) for col in zip(*comp))
+            hit = self._cache[key] = ([(i, n) for i, n in enumerate(tot) if n],
+                                      [[(i, n) for i, n in enumerate(c) if n] for c in comp], tot,
+                                      sum(n * self._tensors[k] for k, n in zip(KINDS, tot)))
+        return hit
+
+    def _params(self, tot: tuple, tp: int, ep: int, etp: int) -> tuple[float, float]:
+        key = ("params", tot, tp, ep, etp)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = M.stage_params(self.model, tot[0], tot[1], bool(tot[3]), bool(tot[4]),
+                                                    tp, ep, etp, self.pc)
         return hit
 
     def _structure(self, lay: Layout, d: Derived) -> tuple:
@@ -317,10 +349,13 @@ class Simulator:
             return hit
         comps, group, reps, sizes = self._structure(lay, d)
         g = [self._rank_sums(comp, lay, d, lkey) for comp in comps]
+        w_w = [x[2] + x[3] for x in g]
         pipe = _Pipe(lkey=lkey, group=group, reps=reps, sizes=sizes,
                      f_st=[x[0] for x in g], b_st=[x[1] for x in g], f_w=[x[2] for x in g], b_w=[x[3] for x in g],
                      act=[x[4] for x in g], act_full=[x[5] for x in g], swapped=[x[6] for x in g],
-                     params=[x[7] for x in g], tensors=[x[8] for x in g])
+                     params=[x[7] for x in g], tensors=[x[8] for x in g],
+                     w_st_max=max(x[0] + x[1] for x in g), w_w_max=max(w_w),
+                     w_w_total=sum(n * w for n, w in zip(sizes, w_w)))
         self._cache[key] = pipe
         return pipe
 
@@ -397,8 +432,8 @@ class Simulator:
         else:
             opt = adam_bytes / (hw.memory_bandwidth_gbps * 1e9)
         opt += (dense + expert) * 4 / (hw.memory_bandwidth_gbps * 1e9)  # gradient-norm pass for clipping
-        if not self.cm.fused:  # the CPU reference steps each tensor with a dozen small ops
-            opt += tensors * OPT_OPS_PER_TENSOR * self.cm.overhead
+        if hw.optimizer_cost and not lay.optimizer_offload:  # calibrated: clipping + AdamW step
+            opt = tensors * hw.optimizer_cost[0] * 1e-6 + local * hw.optimizer_cost[1] * 1e-9
         out = (grad, gather, opt)
         self._cache[key] = out
         return out
@@ -428,10 +463,8 @@ class Simulator:
             ranks = range(p)
         else:
             # blocking hand-offs sit on the critical path once each way per micro-batch
-            w_st = max(a + b for a, b in zip(pipe.f_st, pipe.b_st)) + 2 * p2p
-            w_w = [a + b + 2 * p2p for a, b in zip(pipe.f_w, pipe.b_w)]
-            total_w = sum(n * w for n, w in zip(pipe.sizes, w_w))
-            finish = [m * w_st + (total_w - max(w_w)) / v] * p
+            h = 2 * p2p
+            finish = [m * (pipe.w_st_max + h) + (pipe.w_w_total + h * p - pipe.w_w_max - h) / v] * p
             fkey = ("flight", p, v, m)
             flights = self._cache.get(fkey)
             if flights is None:
@@ -439,29 +472,22 @@ class Simulator:
             # Ranks of equal composition have equal costs, and the lowest holds the most micro-batches
             # in flight, so it alone can set the step time and the memory peak of its group.
             ranks = pipe.reps
-        o = self.opt
         usable = self.hw.usable_memory_bytes
-        logits = 2 * 4 * lay.micro_batch_size * lay.seq_len / lay.cp * self.model.vocab_size / lay.tp
+        logits = 4 * lay.micro_batch_size * lay.seq_len / lay.cp * self.model.vocab_size / lay.tp
         per_chunk = max(1, d.layers_per_chunk)
+        window = self.opt.swap_window if lay.swap else 0
+        full = lay.recompute == "full"
+        extras = self._group_extras(lay, d, pipe)
         ends, mems, dps = {}, {}, {}
         for r in ranks:
             g = grp[r]
-            dense, expert = pipe.params[g]
-            grad, gather, opt = self._dp_times(lay, d, dense, expert, pipe.tensors[g])
-            grad = max(0.0, grad - pipe.b_w[g]) if o.overlap_grad_reduce else grad
-            gather = max(0.0, gather - pipe.f_w[g]) if o.overlap_param_gather else gather
+            grad, gather, opt, st = extras[g]
             dps[r] = (grad, gather, opt)
             ends[r] = finish[r] + grad + opt + gather
-            if tl is not None:
-                act = tl.peak_live[r]
-            else:
-                act = sum(n * a for n, a in zip(flights[r], pipe.act[g]))
-            transient = pipe.act_full[g] / per_chunk if lay.recompute == "full" else 0.0
-            if lay.swap:
-                transient += o.swap_window * pipe.swapped[g] / per_chunk
-            if r == p - 1:  # fp32 logits and their gradient, vocab-parallel
+            act = tl.peak_live[r] if tl is not None else sum(n * a for n, a in zip(flights[r], pipe.act[g]))
+            transient = (pipe.act_full[g] if full else 0.0) / per_chunk + window * pipe.swapped[g] / per_chunk
+            if r == p - 1:  # the fp32 logits' gradient, vocab-parallel
                 transient += logits
-            st = self.states(lay, d, dense, expert)
             mems[r] = (st.total + act + transient, st, act, transient)
         crit = max(ends, key=ends.__getitem__)
         step = ends[crit]
@@ -481,6 +507,21 @@ class Simulator:
             est.breakdown = self._breakdown(chunks, lay, m, crit, finish[crit], dps[crit], step)
             est.ops = self._op_breakdown(lay, d, crit, m)
         return est
+
+    def _group_extras(self, lay: Layout, d: Derived, pipe: "_Pipe") -> list:
+        """Per rank group: exposed gradient reduction, exposed parameter gather, optimizer step, and
+        the model states in memory (they depend on the layout only through these keys)."""
+        key = (d.dp, d.edp, lay.zero1, lay.optimizer_offload)
+        hit = pipe.extras.get(key)
+        if hit is None:
+            o, hit = self.opt, []
+            for g, (dense, expert) in enumerate(pipe.params):
+                grad, gather, opt = self._dp_times(lay, d, dense, expert, pipe.tensors[g])
+                grad = max(0.0, grad - pipe.b_w[g]) if o.overlap_grad_reduce else grad
+                gather = max(0.0, gather - pipe.f_w[g]) if o.overlap_param_gather else gather
+                hit.append((grad, gather, opt, self.states(lay, d, dense, expert)))
+            pipe.extras[key] = hit
+        return hit
 
     def _flops_per_token(self, seq_len: int) -> float:
         key = ("flops", seq_len)
@@ -538,6 +579,10 @@ class _Pipe:
     swapped: list  # largest chunk's swapped bytes
     params: list  # (dense, expert) parameters
     tensors: list  # parameter tensors
+    w_st_max: float  # largest steady-phase work per micro-batch over the ranks
+    w_w_max: float  # largest warm-up-phase work per micro-batch
+    w_w_total: float  # warm-up-phase work summed over all ranks
+    extras: dict = field(default_factory=dict)  # _group_extras cache
 
 
 def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:

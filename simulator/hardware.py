@@ -82,6 +82,11 @@ class HardwareProfile:
     host_memory_bandwidth_gbps: float = 100.0  # host-side optimizer step runs at this rate
     op_overhead_us: float = 10.0  # fixed cost per launched operator (dispatch/launch latency)
     reserved_memory_gb: float = 2.0  # runtime, communication buffers, fragmentation
+    cpu_threads: int = 0  # CPU profiles: torch threads the measurements used (0: not a CPU profile)
+    # Calibrated element-wise operator costs, forward + backward: kind -> [fixed us, ns per element].
+    # Kinds listed here replace the bytes-and-launches rule of `compute.py` for that kind.
+    op_costs: dict[str, list[float]] = field(default_factory=dict)
+    optimizer_cost: list[float] = field(default_factory=list)  # [us per tensor, ns per parameter]
     notes: str = ""
 
     def validate(self, path: str = "") -> None:
@@ -102,6 +107,11 @@ class HardwareProfile:
             raise ConfigError(f"{p}devices_per_node: must be >= 1, got {self.devices_per_node}")
         if self.op_overhead_us < 0 or self.reserved_memory_gb < 0:
             raise ConfigError(f"{p}op_overhead_us/reserved_memory_gb: must be >= 0")
+        for k, v in self.op_costs.items():
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and x >= 0 for x in v)):
+                raise ConfigError(f"{p}op_costs.{k}: expected [fixed_us, ns_per_element] (two numbers >= 0), got {v!r}")
+        if self.optimizer_cost and not (len(self.optimizer_cost) == 2 and min(self.optimizer_cost) >= 0):
+            raise ConfigError(f"{p}optimizer_cost: expected [us_per_tensor, ns_per_parameter], got {self.optimizer_cost}")
         if self.reserved_memory_gb >= self.memory_gb:
             raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
                               f"memory_gb={self.memory_gb}")

@@ -106,8 +106,8 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
     dpn = lay.devices_per_node or devices_per_node
     model_par = lay.tp * lay.cp * lay.pp
     if num_devices % model_par:
-        raise ConfigError(f"layout: num_devices={num_devices} is not divisible by tp*cp*pp={model_par}; "
-                          f"change tp/cp/pp or the cluster size")
+        raise ConfigError(f"num_devices: {num_devices} is not divisible by tp*cp*pp={model_par} "
+                          f"(tp={lay.tp}, cp={lay.cp}, pp={lay.pp}); change the layout or the cluster size")
     dp = num_devices // model_par
     if model.num_heads % lay.tp:
         raise ConfigError(f"layout.tp: num_heads={model.num_heads} is not divisible by tp={lay.tp}")

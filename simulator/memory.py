@@ -79,6 +79,11 @@ def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float) -> list[Sav
     return out
 
 
+def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int) -> float:
+    """Final norm input and output, and the fp32 log-probabilities the cross-entropy keeps."""
+    return 2 * cfg.hidden_size / tp * act_bytes + 4 * cfg.vocab_size / tp
+
+
 def saved_bytes_per_token(saved: list[Saved], act_bytes: int, policy: str, swap: bool = False) -> tuple[float, float]:
     """(bytes kept on the device, bytes swapped to host) per token under a recompute policy."""
     if policy == "full":

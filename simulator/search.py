@@ -89,7 +89,7 @@ def _row(e: Estimate) -> dict:
 
 
 def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progress: bool = False,
-                   keep_infeasible: bool = True) -> SearchResult:
+                   keep_infeasible: bool = True, prune_memory: bool = True) -> SearchResult:
     cfg, n_dev = sim.model, sim.num_devices
     space.validate("space")
     usable = sim.hw.usable_memory_bytes
@@ -123,7 +123,7 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
                             sim.hw.devices_per_node, sim.opt.pad_layers)
             except ConfigError:
                 continue
-            if sim.states_peak(lay0, d0) > usable:  # no activation policy can save it
+            if prune_memory and sim.states_peak(lay0, d0) > usable:  # no activation policy can save it
                 continue
             for mbs, rc, swap, disp in itertools.product(space.micro_batch_size, space.recompute, space.swap,
                                                          dispatchers):

@@ -68,11 +68,3 @@ def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> list:
         raise RuntimeError(f"ranks {missing} exited without a result (exit codes "
                            f"{[procs[r].exitcode for r in missing]})")
     return [o["result"] for o in outcomes]
-
-
-def rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank()
-
-
-__all__ = ["run_distributed", "rank"]

@@ -25,9 +25,7 @@ measured <= 2e-5).
 """
 from __future__ import annotations
 
-import copy
 import functools
-from dataclasses import replace
 
 import pytest
 import torch

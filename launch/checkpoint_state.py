@@ -1,0 +1,314 @@
+"""What a training checkpoint holds, as layout-independent logical tensors, and which piece of each
+one this rank owns. `launch/checkpoint.py` decides where and when it is written.
+
+Every entry of the DCP state dict is a *logical* tensor whose shape does not depend on the parallel
+layout, so a checkpoint written under one layout loads under any other (DCP reads, for each rank,
+the overlap of the stored pieces with the piece that rank needs):
+
+    model/<fqn>               the parameter or persistent buffer at full size; expert stacks are
+                              [E, D, F] with each EP rank owning a block of rows
+    optim/<fqn>/<name>        per-element optimizer state (AdamW's exp_avg, exp_avg_sq), flattened
+                              to 1-D [numel of the full parameter]: ZeRO-1 shards are contiguous
+                              ranges of a parameter's flat view, which no N-d block can describe
+    optim/<fqn>/step          scalar state, replicated
+    rng/rank<r>/torch|host|device   this rank's random-number-generator states
+
+A rank's piece is a `Piece` (local tensor + global shape + offsets), understood by the planners
+below; replicated entries are plain tensors, which DCP writes once. Optimizer states are created
+before loading by one zero-learning-rate step on zero gradients, so the optimizer's own code builds
+them (right dtype, device, fused-kernel layout).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+
+@dataclass
+class Piece:
+    """This rank's block of a logical tensor: `local` sits at `offsets` inside `global_shape`."""
+
+    local: torch.Tensor
+    global_shape: torch.Size
+    offsets: torch.Size
+
+    def size(self) -> torch.Size:
+        return self.global_shape
+
+    def chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
+
+    # DCP's extension protocol (what DTensor implements): the write items of this piece.
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=self.chunk(),
+                                                      properties=TensorProperties.create_from_tensor(self.local),
+                                                      size=self.global_shape))]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [self.chunk()]
+
+
+def piece(local: torch.Tensor, global_shape, offsets) -> Piece:
+    return Piece(local, torch.Size(global_shape), torch.Size(offsets))
+
+
+class SavePlanner(DefaultSavePlanner):
+    """DefaultSavePlanner that also resolves `Piece` entries (a flat state dict: no flattening)."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index: MetadataIndex):
+        obj = self.state_dict.get(index.fqn)
+        return obj.local if isinstance(obj, Piece) else super().lookup_object(index)
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads `Piece` entries: the stored pieces overlapping this rank's block
+    are copied straight into `Piece.local` (a view of the live tensor)."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # DCP's state-dict walker drops objects it does not know, so pieces are kept aside.
+        self.pieces = {k: v for k, v in state_dict.items() if isinstance(v, Piece)}
+        plain = {k: v for k, v in state_dict.items() if not isinstance(v, Piece)}
+        super().set_up_planner(plain, metadata, is_coordinator)
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        items = list(plan.items)
+        for fqn, p in self.pieces.items():
+            md = self.metadata.state_dict_metadata[fqn]  # presence and size are checked beforehand
+            items += create_read_items_for_chunk_list(fqn, md, [p.chunk()])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        p = self.pieces.get(index.fqn)
+        return p.local if p is not None else super().lookup_tensor(index)
+
+
+# --- where this rank's parameters sit in the full model ---------------------------------------
+
+@dataclass(frozen=True)
+class Placement:
+    global_shape: torch.Size
+    row_offset: int  # first row (dim 0) of the local tensor inside the full tensor
+
+    def flat_offset(self, local: torch.Tensor) -> int:
+        return self.row_offset * (local[0].numel() if local.dim() else 1)
+
+
+def placements(model: nn.Module, runtime=None) -> dict[str, Placement]:
+    """Full shape and row offset of every parameter and persistent buffer of `model` on this rank.
+    Only the expert stacks are sharded (by expert parallelism, along dim 0)."""
+    expert = set(getattr(runtime, "expert_param_names", None) or [])
+    ep = runtime.layout.ep if runtime is not None else 1
+    ep_rank = runtime.meshes.ep_rank() if runtime is not None and ep > 1 else 0
+    out = {}
+    for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
+        if name in expert and ep > 1:
+            rows = t.shape[0]
+            out[name] = Placement(torch.Size((rows * ep, *t.shape[1:])), rows * ep_rank)
+        else:
+            out[name] = Placement(t.shape, 0)
+    return out
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf
+
+
+def model_entries(model: nn.Module, place: dict[str, Placement]) -> dict[str, object]:
+    out = {}
+    for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
+        pl = place[name]
+        key = f"model/{name}"
+        if pl.global_shape == t.shape:
+            out[key] = t.detach()
+        else:
+            out[key] = piece(t.detach(), pl.global_shape, (pl.row_offset,) + (0,) * (t.dim() - 1))
+    return out
+
+
+# --- optimizer state ----------------------------------------------------------------------------
+
+def _is_zero(optimizer) -> bool:
+    return hasattr(optimizer, "buckets") and hasattr(optimizer, "inner")
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    return optimizer.inner if _is_zero(optimizer) else optimizer
+
+
+def ensure_state(optimizer) -> None:
+    """Create missing optimizer states as the optimizer itself would: one step with zero gradients
+    and learning rate 0 (AdamW then changes no parameter: decay multiplies by 1 - 0 * wd, the update
+    is 0 * m / (sqrt(v) + eps)), then every step counter back to 0 so the next real step is step 1."""
+    opt = _torch_optimizer(optimizer)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if all(opt.state.get(p) for p in params):
+        return
+    saved_grads = [p.grad for p in params]
+    saved_lr = [g["lr"] for g in opt.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, saved_lr):
+        g["lr"] = lr
+    for p, grad in zip(params, saved_grads):
+        p.grad = grad
+        step = opt.state[p].get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            opt.state[p]["step"] = 0
+
+
+def _state_items(state: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            raise TypeError(f"optimizer state {k!r} is a {type(v).__name__}; only tensors are checkpointed")
+        yield k, v
+
+
+def _zero_overlaps(bucket) -> Iterator[tuple[nn.Parameter, int, int, int]]:
+    """(param, start, end, shard_start) for each parameter overlapping this rank's ZeRO shard:
+    elements [start, end) of the parameter's flat view are shard elements [shard_start, ...)."""
+    offset = 0
+    for p in bucket.params:
+        a, b = max(bucket.lo, offset), min(bucket.hi, offset + p.numel())
+        if a < b:
+            yield p, a - offset, b - offset, a - bucket.lo
+        offset += p.numel()
+
+
+def optimizer_entries(model: nn.Module, optimizer, place: dict[str, Placement]) -> dict[str, object]:
+    """The optimizer's state as logical tensors (call `ensure_state` first when loading)."""
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    out: dict[str, object] = {}
+
+    def flat(name: str, key: str, local_flat: torch.Tensor, start: int) -> None:
+        """Elements [start, start + len) of this rank's part of parameter `name`, flattened."""
+        pl = place[name]
+        out[f"optim/{name}/{key}"] = piece(local_flat, (pl.global_shape.numel(),),
+                                           (pl.flat_offset(params[name]) + start,))
+
+    if _is_zero(optimizer):
+        for bucket in optimizer.buckets:
+            state = dict(_state_items(optimizer.inner.state[bucket.shard]))
+            for p, a, b, s in _zero_overlaps(bucket):
+                for key, v in state.items():
+                    if v.dim():
+                        flat(names[id(p)], key, v[s:s + b - a], a)
+            for p in bucket.params:  # the bucket's step counter stands for each of its parameters
+                for key, v in state.items():
+                    if not v.dim():
+                        out[f"optim/{names[id(p)]}/{key}"] = v
+        return out
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            for key, v in _state_items(optimizer.state.get(p, {})):
+                if not v.dim():
+                    out[f"optim/{name}/{key}"] = v
+                elif v.numel() == p.numel():
+                    flat(name, key, v.view(-1), 0)
+                else:
+                    raise TypeError(f"optimizer state {key!r} of {name} has {v.numel()} elements, the "
+                                    f"parameter {p.numel()}; only per-element state can be checkpointed")
+    return out
+
+
+@torch.no_grad()
+def refresh_zero_shards(optimizer) -> None:
+    """After loading parameters: ZeRO-1 keeps an fp32 copy of its shard of them; refill it."""
+    if not _is_zero(optimizer):
+        return
+    for bucket in optimizer.buckets:
+        for p, a, b, s in _zero_overlaps(bucket):
+            bucket.shard.data[s:s + b - a].copy_(p.detach().reshape(-1)[a:b])
+
+
+# --- random-number generators -------------------------------------------------------------------
+
+def rng_entries(rank: int, device: str) -> dict[str, torch.Tensor]:
+    host = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+    out = {f"rng/rank{rank}/torch": torch.get_rng_state(),
+           f"rng/rank{rank}/host": torch.frombuffer(bytearray(json.dumps(host).encode()), dtype=torch.uint8)}
+    mod = _device_module(device)
+    if mod is not None:
+        out[f"rng/rank{rank}/device"] = mod.get_rng_state()
+    return out
+
+
+def rng_targets(rank: int, sizes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Empty tensors to load this rank's RNG states into (sizes from the checkpoint's metadata)."""
+    prefix = f"rng/rank{rank}/"
+    return {k: torch.empty(s, dtype=torch.uint8) for k, s in sizes.items() if k.startswith(prefix)}
+
+
+def apply_rng(rank: int, loaded: dict[str, torch.Tensor], device: str) -> bool:
+    """Restore this rank's RNG states; False when the checkpoint has none for this rank."""
+    prefix = f"rng/rank{rank}/"
+    if prefix + "torch" not in loaded:
+        return False
+    torch.set_rng_state(loaded[prefix + "torch"])
+    host = json.loads(bytes(loaded[prefix + "host"].tolist()).decode())
+    random.setstate(_tuplify(host["python"]))
+    np_state = host["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    mod = _device_module(device)
+    if mod is not None and prefix + "device" in loaded:
+        mod.set_rng_state(loaded[prefix + "device"])
+    return True
+
+
+def _device_module(device: str):
+    if device in ("cuda", "npu"):
+        return getattr(torch, device, None)
+    return None
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def size_problems(entries: dict[str, object], sizes: dict[str, torch.Size]) -> list[str]:
+    """Why `entries` cannot be loaded from a checkpoint whose metadata lists `sizes` (missing keys,
+    different full shapes); empty when they fit."""
+    problems = []
+    for key, obj in entries.items():
+        if key not in sizes:
+            problems.append(f"{key} is not in the checkpoint")
+        elif torch.Size(sizes[key]) != torch.Size(obj.size()):
+            problems.append(f"{key} has shape {list(sizes[key])} in the checkpoint but {list(obj.size())} here")
+    return problems

@@ -1,0 +1,214 @@
+"""Command line: `python -m simulator {estimate,search,calibrate,validate}`.
+
+    python -m simulator estimate --recipe configs/simulator/pangu_718b_6k_910b.yaml [--trace t.json]
+    python -m simulator estimate --model configs/models/deepseek_v3_671b.yaml --hardware nvidia_h800 \\
+        --devices 2048 --set layout.pp=16 layout.ep=64 layout.global_batch_size=4096
+    python -m simulator search --recipe configs/simulator/pangu_718b_6k_910b.yaml --out runs/search
+    python -m simulator search --recipe ... --models --set model_space.activated_params_max=42e9
+    python -m simulator calibrate [--out configs/hardware/cpu_calibrated.yaml]
+    python -m simulator validate [--hardware configs/hardware/cpu_calibrated.yaml] [--calibrate]
+
+Every configuration error is reported as one line naming the field and the fix (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from moe.config import ConfigError, from_dict, load_yaml
+from simulator.cost import Simulator
+from simulator.hardware import load_hardware
+from simulator.recipe import SimRecipe, resolve_model
+from simulator.report import (describe, estimate_dict, model_line, pareto_front, pareto_plot, table, write_csv,
+                              write_json)
+from simulator.search import LayoutSpace, ModelSpace, require_feasible, search_layouts, search_models
+
+GB = 2**30
+
+
+def _set(data: dict, items: list[str]) -> dict:
+    """Apply section.field=value overrides (YAML-parsed values) to a nested mapping."""
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. layout.tp=4")
+        section, field = key.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"--set {item!r}: {section} is not a mapping")
+        data[section][field] = yaml.safe_load(value)
+    return data
+
+
+def _recipe(args) -> tuple[SimRecipe, dict]:
+    """The simulation recipe from --recipe and/or --model/--hardware/--devices, plus --set overrides.
+    Returns it with the raw mapping (search reads its optional layout_space/model_space sections)."""
+    data: dict = {}
+    base = Path.cwd()
+    if args.recipe:
+        data = load_yaml(args.recipe)
+        base = Path(args.recipe).parent
+    if args.model:
+        data["model"] = args.model
+    if args.hardware:
+        data["hardware"] = args.hardware
+    if args.devices:
+        data["num_devices"] = args.devices
+    _set(data, args.set)
+    for need, flag in (("model", "--model"), ("hardware", "--hardware"), ("num_devices", "--devices")):
+        if need not in data:
+            raise ConfigError(f"{need}: missing; give {flag} or a --recipe that sets it")
+    data["model"] = resolve_model(data["model"], base)
+    hw = data["hardware"]
+    if isinstance(hw, str) and hw.endswith(".yaml") and not Path(hw).is_file() and (base / hw).is_file():
+        data["hardware"] = str(base / hw)
+    extra = {k: data.pop(k) for k in ("layout_space", "model_space") if k in data}
+    return from_dict(SimRecipe, data), extra
+
+
+def _simulator(r: SimRecipe) -> Simulator:
+    return Simulator(r.model, load_hardware(r.hardware), r.num_devices, r.options)
+
+
+def cmd_estimate(args) -> int:
+    r, _ = _recipe(args)
+    sim = _simulator(r)
+    t0 = time.perf_counter()
+    est = sim.estimate(r.layout)
+    dt = time.perf_counter() - t0
+    name = Path(args.model or (args.recipe or "")).stem or "model"
+    print(f"model: {model_line(r.model)}")
+    print(describe(est, name, r.num_devices, sim.hw.usable_memory_bytes / GB))
+    print(f"\n(estimated in {dt * 1e3:.0f} ms, event-level timeline of {len(est.timeline.events)} events)")
+    if args.trace:
+        print(f"timeline: {est.timeline.to_chrome_trace(args.trace)} (open in https://ui.perfetto.dev)")
+    if args.json:
+        print(f"json: {write_json(estimate_dict(est), args.json)}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    r, extra = _recipe(args)
+    hw = load_hardware(r.hardware)
+    lspace = from_dict(LayoutSpace, {"global_batch_size": r.layout.global_batch_size, "seq_len": r.layout.seq_len,
+                                     **extra.get("layout_space", {})}, "layout_space")
+    out = Path(args.out)
+    if args.models:
+        mspace = from_dict(ModelSpace, extra.get("model_space", {}), "model_space")
+        rows = search_models(r.model, hw, r.num_devices, mspace, lspace, r.options, progress=not args.no_progress)
+        cols = ["hidden_size", "num_layers", "num_experts", "top_k", "expert_ffn_size", "num_shared_experts",
+                "total_params_b", "activated_params_b", "best_layout", "step_time_s", "tokens_per_s", "mfu",
+                "peak_memory_gb"]
+        print(table(rows, cols, args.top))
+        print(f"\n{len(rows)} model shapes within budget; csv: {write_csv(rows, out / 'models.csv')}")
+        write_json(rows, out / "models.json")
+        return 0
+    sim = Simulator(r.model, hw, r.num_devices, r.options)
+    cpu0 = time.process_time()
+    res = search_layouts(sim, lspace, rerank=args.rerank, progress=not args.no_progress)
+    cpu = time.process_time() - cpu0
+    require_feasible(res, f"this model on {r.num_devices} x {hw.name}")
+    best = [{**b.summary(), **{k: round(v, 3) for k, v in b.breakdown.items() if k != "total"}} for b in res.best]
+    print(table(best, ["layout", "dp", "micro_batches", "step_time_s", "tokens_per_s", "mfu", "peak_memory_gb",
+                       "compute", "ep_comm", "tp_comm", "bubble", "dp_comm"], args.top))
+    print(f"\nspace {lspace.size():,} points; {res.evaluated:,} layouts costed ({res.feasible:,} fit) in "
+          f"{res.seconds:.1f} s wall / {cpu:.1f} s CPU: {res.rate:,.0f} layouts/s "
+          f"({res.evaluated / max(cpu, 1e-9):,.0f}/s per CPU second); best {len(res.best)} re-ranked on the timeline")
+    write_csv(res.rows, out / "layouts.csv")
+    write_json({"best": [estimate_dict(b) for b in res.best], "pareto": pareto_front(res.rows),
+                "evaluated": res.evaluated, "feasible": res.feasible, "seconds": res.seconds}, out / "search.json")
+    pareto_plot(res.rows, out / "pareto.png", hw.usable_memory_bytes / GB,
+                f"{Path(args.model or args.recipe).stem}: {res.evaluated:,} layouts on {r.num_devices} x {hw.name}")
+    res.best[0].timeline.to_chrome_trace(out / "best_timeline.json")
+    print(f"wrote {out}/layouts.csv, search.json, pareto.png, best_timeline.json")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from simulator.calibrate import DEFAULT_OUT, calibrate
+    calibrate(args.out or DEFAULT_OUT, quick=args.quick, collectives=not args.no_collectives, threads=args.threads)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from simulator.calibrate import calibrate
+    from simulator.validate import DEFAULT_CONFIG, run_validation, summarize
+    hw = args.hardware
+    if args.calibrate or not Path(hw).is_file():
+        print(f"calibrating first ({hw})")
+        calibrate(hw, threads=args.threads)
+    rows = run_validation(hw, args.config or DEFAULT_CONFIG, workdir=Path(args.workdir) if args.workdir else None,
+                          only=args.case)
+    print()
+    print(table(rows, ["case", "world", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
+                       "predicted_s", "measured_s", "clock", "error_pct", "wall_s", "predicted_act_mb",
+                       "measured_act_mb", "act_error_pct", "note"]))
+    s = summarize(rows)
+    print(f"\n{s['measured']} of {s['cases']} cases measured: median |error| {s['median_abs_error_pct']:.1f}%, "
+          f"worst {s['max_abs_error_pct']:.1f}% (target <= 15% / <= 30%: {'PASS' if s['pass'] else 'FAIL'}); "
+          f"activation memory median |error| "
+          + (f"{s['median_abs_act_error_pct']:.1f}%" if s["median_abs_act_error_pct"] is not None else "n/a"))
+    if args.out:
+        write_json({"rows": rows, "summary": s, "hardware": hw}, args.out)
+    return 0 if s["pass"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m simulator",
+                                 description="Predict MoE training step time, MFU and memory; search layouts.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def recipe_args(p):
+        p.add_argument("--recipe", help="simulation recipe YAML (model, hardware, num_devices, layout, options)")
+        p.add_argument("--model", help="model YAML (overrides the recipe's)")
+        p.add_argument("--hardware", help="hardware profile name or YAML path (overrides the recipe's)")
+        p.add_argument("--devices", type=int, help="number of devices (overrides the recipe's)")
+        p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="overrides, e.g. layout.tp=4 options.expert_imbalance=1.2")
+
+    p = sub.add_parser("estimate", help="one configuration: step time breakdown, MFU, memory")
+    recipe_args(p)
+    p.add_argument("--trace", help="write the pipeline timeline as Chrome-trace JSON")
+    p.add_argument("--json", help="write the estimate as JSON")
+    p.set_defaults(fn=cmd_estimate)
+
+    p = sub.add_parser("search", help="search parallel layouts (or model shapes with --models)")
+    recipe_args(p)
+    p.add_argument("--models", action="store_true", help="search model hyperparameters within budgets")
+    p.add_argument("--out", default="runs/search", help="output directory (csv, json, pareto.png, timeline)")
+    p.add_argument("--top", type=int, default=15, help="rows to print")
+    p.add_argument("--rerank", type=int, default=20, help="best layouts re-costed on the event timeline")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("calibrate", help="microbenchmark this machine and write a hardware profile")
+    p.add_argument("--out", help="profile path (default configs/hardware/cpu_calibrated.yaml)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and sizes")
+    p.add_argument("--no-collectives", action="store_true", help="skip the gloo collective benchmarks")
+    p.add_argument("--threads", type=int, default=1, help="torch threads to measure with (default 1)")
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("validate", help="run the trainer under several layouts; compare with predictions")
+    p.add_argument("--hardware", default="configs/hardware/cpu_calibrated.yaml", help="calibrated CPU profile")
+    p.add_argument("--calibrate", action="store_true", help="calibrate first (also when the profile is missing)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads when calibrating")
+    p.add_argument("--config", help="validation cases YAML (default configs/simulator/validate_cpu.yaml)")
+    p.add_argument("--case", nargs="*", help="run only these cases")
+    p.add_argument("--workdir", help="where the runs go (default: a temporary directory)")
+    p.add_argument("--out", help="write the table and summary as JSON")
+    p.set_defaults(fn=cmd_validate)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

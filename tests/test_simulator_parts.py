@@ -1,0 +1,262 @@
+"""The simulator's cost-model parts on cases computed by hand: collective bytes, operator times,
+pipeline schedules and bubbles, activation and model-state memory, layout rules."""
+import json
+
+import pytest
+
+from moe import accounting as acc
+from moe.config import ConfigError, ModelConfig, from_dict
+from simulator import comm as C
+from simulator import memory as M
+from simulator.compute import ComputeModel
+from simulator.cost import SimOptions, Simulator, noop_placement
+from simulator.hardware import HardwareProfile, Link, MatmulEfficiency
+from simulator.layout import Layout, derive
+from simulator.schedule import bubble_fraction, in_flight_per_chunk, pipeline_time, rank_ops, simulate
+
+# Same tiny model as tests/test_accounting.py: D=8, vocab 10, MLA H=2 (q_lora 4, kv_lora 6, nope 3,
+# rope 2, v 5), dense FFN 12, 4 experts top-2 of FFN 3, 2 shared experts, sandwich norm.
+TINY = dict(vocab_size=10, hidden_size=8, num_layers=3, first_k_dense=1, attention="mla", num_heads=2,
+            q_lora_rank=4, kv_lora_rank=6, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=5,
+            dense_ffn_size=12, num_experts=4, top_k=2, expert_ffn_size=3, num_shared_experts=2,
+            norm="sandwich", mtp_layers=0, max_seq_len=64)
+
+
+def tiny(**over) -> ModelConfig:
+    return from_dict(ModelConfig, {**TINY, **over})
+
+
+def profile(**over) -> HardwareProfile:
+    base = dict(name="test", device="npu", peak_tflops={"bf16": 1.0}, memory_gb=16.0, memory_bandwidth_gbps=1000.0,
+                devices_per_node=4, intra_node=Link(100.0, 10.0), inter_node=Link(10.0, 20.0),
+                host_link=Link(10.0, 0.0), matmul=MatmulEfficiency(0.5, 0.0, 1.0), op_overhead_us=0.0,
+                reserved_memory_gb=1.0)
+    return HardwareProfile(**{**base, **over})
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives
+
+
+def test_ring_collective_bytes():
+    ag = C.all_gather(1000, 4, 1, 8)
+    assert (ag.intra_bytes, ag.inter_bytes, ag.steps, ag.spans_nodes) == (750, 0, 3, False)
+    ar = C.all_reduce(1000, 4, 1, 8)
+    assert (ar.intra_bytes, ar.steps) == (1500, 6)
+    # 4 members 4 ranks apart with 8 per node: 2 nodes, so the ring runs at the inter-node rate
+    rs = C.reduce_scatter(1000, 4, 4, 8)
+    assert (rs.intra_bytes, rs.inter_bytes, rs.spans_nodes) == (0, 750, True)
+    assert C.all_gather(1000, 1, 1, 8).bytes == 0
+
+
+def test_all_to_all_bytes_split_by_link():
+    # 8 members, 4 per node: of the 800 bytes a rank holds, 100 stay home, 300 go to its 3 node
+    # peers, 400 to the 4 members on the other node; 3 latency steps (log2 8)
+    a2a = C.all_to_all(800, 8, 1, 4)
+    assert (a2a.intra_bytes, a2a.inter_bytes, a2a.steps, a2a.spans_nodes) == (300, 400, 3, True)
+
+
+def test_ep_dispatch_bytes_of_each_dispatcher():
+    # 10 tokens, top-2, 100-byte hidden vectors; routing metadata 8 bytes per choice = 16 per token
+    flat = C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8, imbalance=1.5)
+    assert len(flat) == 1 and flat[0].intra_bytes == pytest.approx(2000 * 3 / 4 * 1.5)
+    ag = C.ep_dispatch("allgather", 10, 2, 100, 4, 1, 8)
+    assert ag[0].intra_bytes == pytest.approx(4 * 10 * 116 * 3 / 4)
+    # EP 8 over 2 nodes of 4: all-gather across the 2 nodes (half of 2*10*116 leaves the node),
+    # then an all-to-all of the 2000 copy-bytes among the 4 local ranks
+    inter, intra = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4)
+    assert (inter.inter_bytes, inter.intra_bytes) == (pytest.approx(1160), 0)
+    assert (intra.intra_bytes, intra.inter_bytes) == (pytest.approx(1500), 0)
+    # inside one node hierarchical is the flat all-to-all
+    assert C.ep_dispatch("hierarchical", 10, 2, 100, 4, 1, 8) == C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8)
+    assert C.ep_dispatch("alltoall", 10, 2, 100, 1, 1, 8) == []
+
+
+def test_comm_time():
+    hw = profile()
+    t = C.Comm("x", 1e9, 0.0, 2, False).time(hw)
+    assert t == pytest.approx(1e9 / 100e9 + 2 * 10e-6)
+    # both links at once: the slower sets the time; spanning nodes uses the inter-node latency
+    t = C.Comm("x", 1e9, 1e9, 1, True).time(hw)
+    assert t == pytest.approx(1e9 / 10e9 + 20e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# operators
+
+
+def test_gemm_and_eltwise_times_by_hand():
+    cm = ComputeModel(tiny(), profile(), "bf16")
+    op = cm.gemm("x", 100, 200, 300)
+    # 2*100*200*300 FLOPs at 1 TFLOP/s * 0.5 efficiency; memory traffic is far below the roofline
+    assert op.flops == 1.2e7
+    assert op.fwd == pytest.approx(1.2e7 / 0.5e12)
+    assert op.bwd == pytest.approx(2 * 1.2e7 / 0.5e12)
+    # with 100 GB/s memory, (1 x 1000) @ (1000 x 1000) is memory-bound: 2*(1000 + 1e6 + 1000) bytes
+    slow = ComputeModel(tiny(), profile(memory_bandwidth_gbps=100.0), "bf16")
+    assert slow.gemm("y", 1, 1000, 1000).fwd == pytest.approx(2 * (1000 + 1e6 + 1000) / 1e11)
+    # a norm over 1000 elements: 2 passes of 2 bytes at 1 TB/s, backward twice that
+    norm = cm.eltwise("n", "norm", 1000)
+    assert (norm.fwd, norm.bwd) == (pytest.approx(4000 / 1e12), pytest.approx(8000 / 1e12))
+    calibrated = ComputeModel(tiny(), profile(op_costs={"norm": [3.0, 2.0]}), "bf16")
+    n2 = calibrated.eltwise("n", "norm", 1000)
+    assert n2.fwd + n2.bwd == pytest.approx(3e-6 + 2e-9 * 1000)
+
+
+def test_layer_flops_match_accounting():
+    """The simulator charges exactly the FLOPs the trainer's MFU counts (one definition)."""
+    cfg, S, B = tiny(), 16, 2
+    cm = ComputeModel(cfg, profile(), "bf16")
+    T = B * S
+    attn = cm.attention(T, S, tp=1)
+    moe = cm.moe_ffn(T, tp=1, ep=1, etp=1, imbalance=1.0)
+    dense = cm.dense_ffn(T, tp=1)
+    attn_flops = sum(o.flops for o in attn)
+    assert attn_flops == pytest.approx(T * (acc.attention_proj_flops(cfg) + acc.core_attention_flops(cfg, S)))
+    assert sum(o.flops for o in moe) == pytest.approx(
+        T * (acc.router_flops(cfg) + acc.routed_expert_flops(cfg) + acc.shared_expert_flops(cfg)))
+    assert sum(o.flops for o in dense) == pytest.approx(T * acc.dense_mlp_flops(cfg))
+    assert sum(o.flops for o in cm.head(T, 1)) == pytest.approx(T * acc.output_head_flops(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline schedules
+
+
+def _uniform(p, v, m, f=1.0, b=2.0, p2p=0.0):
+    return simulate(p, v, m, lambda r, c, ph: f / v, lambda r, c, ph: b / v, p2p=p2p)
+
+
+def test_1f1b_bubble_by_hand():
+    tl = _uniform(4, 1, 8)
+    assert tl.makespan == pytest.approx((8 + 3) * 3.0)  # (m + p - 1)(F + B)
+    busy = 8 * 3.0
+    assert 1 - busy / tl.makespan == pytest.approx(3 / 11) == pytest.approx(bubble_fraction(4, 8))
+    assert pipeline_time([3.0] * 4, 8, 1) == pytest.approx(33.0)
+
+
+def test_interleaved_bubble_by_hand():
+    tl = _uniform(4, 2, 8)  # chunks of F=0.5, B=1
+    assert tl.makespan == pytest.approx(8 * 3.0 + 3 * 3.0 / 2)  # m(F+B) + (p-1)(F+B)/v
+    assert 1 - 24.0 / tl.makespan == pytest.approx(3 / 19) == pytest.approx(bubble_fraction(4, 8, 2))
+    assert pipeline_time([3.0] * 4, 8, 2) == pytest.approx(28.5)
+
+
+def test_schedule_order_and_in_flight():
+    # rank 0 of 1F1B with p=2, m=3: one warm-up forward, then F/B pairs, then the last backward
+    assert [(k, mb) for k, mb, _, _ in rank_ops(2, 1, 3, 0)] == [("F", 0), ("F", 1), ("B", 0), ("F", 2),
+                                                                  ("B", 1), ("B", 2)]
+    assert [sum(in_flight_per_chunk(4, 1, 8, r)) for r in range(4)] == [4, 3, 2, 1]
+    # interleaved rank 0: (p-1)*2 + (v-1)*p warm-up chunks + 1 = 11, spread 4 + 4 + 3 over... chunks
+    assert in_flight_per_chunk(4, 2, 8, 0) == [7, 4]
+    tl = simulate(4, 2, 8, lambda r, c, ph: 1.0, lambda r, c, ph: 2.0)
+    assert tl.peak_live[0] == 11 and tl.peak_live[3] == 5
+
+
+def test_p2p_delay_by_hand():
+    # p=2, m=2, F=B=1, hand-offs 0.5: rank1 F0 1.5-2.5, B0 -3.5, F1 3.5-4.5, B1 -5.5;
+    # rank0 B0 4-5, B1 6-7
+    tl = _uniform(2, 1, 2, f=1.0, b=1.0, p2p=0.5)
+    assert tl.makespan == pytest.approx(7.0)
+    assert tl.finish == [pytest.approx(7.0), pytest.approx(5.5)]
+
+
+def test_chrome_trace(tmp_path):
+    tl = _uniform(2, 1, 2)
+    data = json.loads(tl.to_chrome_trace(tmp_path / "t.json").read_text())
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == 8 and {e["pid"] for e in spans} == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def _per_token(saved, policy, swap=False):
+    return M.saved_bytes_per_token(saved, 2, policy, swap)
+
+
+def test_activation_bytes_per_policy_by_hand():
+    cfg = tiny()
+    dense = M.layer_saved(cfg, "dense", tp=1, etp=1, imbalance=1.0)
+    # attention: in 8, normed 8, q latent 4 + normed 4, kv latent 6+2 + normed 6, q 2*5, k 2*5,
+    # v 2*5, out 2*5 -> 78 bf16 values, + lse 2 fp32, + post-norm input 8 -> 180 bytes;
+    # MLP: in 8, normed 8, w1 12, w3 12, act 12, post-norm input 8 -> 120 bytes
+    assert _per_token(dense, "none") == (300, 0)
+    # selective drops the normed copies (8, 4, 6, 8), q/k/v (30) and the activation output (12)
+    assert _per_token(dense, "selective") == (300 - 2 * 68, 0)
+    assert _per_token(dense, "full") == (16, 0)  # the layer input only
+    # swap moves q, k, v and the attention output (40 values) to the host
+    assert _per_token(dense, "none", swap=True) == (220, 80)
+    moe = M.layer_saved(cfg, "moe", tp=1, etp=1, imbalance=1.0)
+    # MoE part: in 8 + normed 8, scores 4 fp32, expert input 2*8, expert w1/w3/act 3 * 2*3,
+    # expert output 2*8, shared w1/w3/act 3 * 6, post-norm input 8 -> 200 bytes
+    assert _per_token(moe, "none") == (180 + 200, 0)
+
+
+def test_model_states_by_hand():
+    st = M.state_bytes(dense=100, expert=40, dtype_bytes=2, dense_dp=4, expert_dp=2, zero1=True, offload=False)
+    assert (st.weights, st.grads, st.optimizer) == (280, 560, 12 * (100 / 4 + 40 / 2))
+    assert M.state_bytes(100, 40, 2, 4, 2, zero1=False, offload=False).optimizer == 12 * 140
+    assert M.state_bytes(100, 40, 2, 4, 2, zero1=True, offload=True).optimizer == 0
+    assert M.state_bytes(100, 40, 4, 4, 2, zero1=False, offload=False).optimizer == 8 * 140  # fp32: no master
+
+
+def test_simulator_memory_of_a_tiny_model_by_hand():
+    cfg = tiny(num_layers=2)  # one dense + one MoE layer, no MTP
+    sim = Simulator(cfg, profile(), 1, SimOptions(dtype="bf16"))
+    lay = Layout(micro_batch_size=2, global_batch_size=2, seq_len=16, dispatcher="local")
+    est = sim.estimate(lay)
+    T = 32
+    head = 2 * 8 * 2 + 4 * 10  # final norm in/out (bf16) + fp32 log-probabilities
+    assert est.memory["activations"] == pytest.approx(T * (300 + 380 + head))
+    assert est.memory["transient"] == pytest.approx(4 * T * 10)  # logits gradient
+    n = acc.param_counts(cfg).total
+    assert est.memory["weights"] == pytest.approx(2 * n)
+    assert est.memory["grads"] == pytest.approx(4 * n)
+    # two pipeline stages: rank 0 holds two micro-batches in flight under 1F1B
+    sim2 = Simulator(cfg, profile(), 2, SimOptions(dtype="bf16"))
+    est2 = sim2.estimate(Layout(pp=2, micro_batch_size=2, global_batch_size=4, seq_len=16, dispatcher="local"))
+    assert est2.stage_memory[0] > est2.stage_memory[1]
+
+
+def test_noop_placement_balances_head_and_embedding():
+    assert noop_placement(4, 1, 2, 3) == [1, 0, 0, 2]  # last rank first, then the first rank
+    assert noop_placement(2, 2, 2, 3) == [0, 1, 0, 2]  # chunks of the last rank, latest first
+    assert noop_placement(4, 1, 2, 0) == [0, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# layout rules
+
+
+@pytest.mark.parametrize("changes,devices,field", [
+    (dict(tp=3), 12, "layout.tp"),  # 2 heads
+    (dict(ep=3), 12, "layout.ep"),  # 8 experts
+    (dict(tp=2, pp=4), 4, "num_devices"),
+    (dict(global_batch_size=6, micro_batch_size=4), 4, "layout.global_batch_size"),
+    (dict(pp=4, global_batch_size=2), 4, "layout.global_batch_size"),  # 2 micro-batches < pp
+    (dict(pp=2, vpp=2, global_batch_size=6), 4, "layout.vpp"),  # 3 micro-batches, pp 2
+    (dict(ep=2, dispatcher="local"), 4, "layout.dispatcher"),
+    (dict(tp=2, seq_len=15), 4, "layout.seq_len"),
+    (dict(ep=8), 4, "layout.ep"),  # 8 expert ranks on a 4-rank stage
+])
+def test_layout_rules_name_the_field(changes, devices, field):
+    lay = Layout(**{**dict(global_batch_size=24, seq_len=16), **changes})
+    with pytest.raises(ConfigError) as e:
+        derive(tiny(num_experts=8, expert_ffn_size=4), lay, num_devices=devices, devices_per_node=4,
+               pad_layers=False)
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_layout_fields_validate_and_derive():
+    with pytest.raises(ConfigError, match="etp"):
+        from_dict(Layout, {"tp_extend_ep": True, "etp": 2})
+    with pytest.raises(ConfigError, match="vpp"):
+        from_dict(Layout, {"vpp": 2})
+    d = derive(tiny(num_experts=8), Layout(tp=2, ep=2, tp_extend_ep=True, global_batch_size=8, seq_len=16), 8, 4)
+    assert (d.dp, d.ep, d.etp, d.edp, d.micro_batches, d.experts_per_rank) == (4, 4, 1, 2, 2, 2)
+    # 3 layers on 2 stages need one no-op layer when padding is allowed, and an error otherwise
+    assert derive(tiny(), Layout(pp=2, global_batch_size=8, seq_len=16), 2, 4).noop_layers == 1
+    with pytest.raises(ConfigError, match="noop_layers"):
+        derive(tiny(), Layout(pp=2, global_batch_size=8, seq_len=16), 2, 4, pad_layers=False)
