@@ -1,5 +1,6 @@
 """Training checkpoints on disk: written atomically, verified on load, kept in rotation, resumable
-under any parallel layout. `launch/checkpoint_state.py` says what goes in; this file says how.
+under any parallel layout. `launch/checkpoint_state.py` says what goes in, `launch/checkpoint_files.py` the on-disk format;
+this file drives saving and loading.
 
 Directory layout (`checkpoint.dir`, default `<train.out_dir>/checkpoints`):
 
@@ -32,17 +33,12 @@ so the training loop's own collectives never interleave with the checkpoint's.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import hashlib
 import json
 import os
-import pickle
-import re
 import shutil
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,153 +46,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
 
+from launch import checkpoint_files as cf
 from launch import checkpoint_state as cs
-
-FORMAT = "ultramoe-checkpoint/1"
-MANIFEST, META, RECIPE, LATEST = "MANIFEST.json", "meta.json", "recipe.yaml", "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """DCP warns on every single-process save/load that no process group exists; that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or loaded; the message names it, the problem and the fix."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-# --- safe reading of DCP metadata ---------------------------------------------------------------
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's `.metadata` pickle holds: its metadata dataclasses, torch.Size,
-    dtypes and layouts, and paths. Anything else (a crafted file) is refused before it runs."""
-
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str):
-        obj = super().find_class(module, name)
-        if (module, name) in self._ALLOWED or (module == "torch" and isinstance(obj, torch.dtype)):
-            return obj
-        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
-            return obj
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
-class SafeReader(FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _RecordingWriter(FileSystemWriter):
-    """FileSystemWriter that remembers which files this rank wrote (for the manifest)."""
-
-    def write_data(self, plan, planner):
-        fut = super().write_data(plan, planner)
-        self.written = sorted({r.storage_data.relative_path for r in fut.wait()})
-        return fut
-
-
-def tensor_sizes(path: Path) -> dict[str, torch.Size]:
-    md = SafeReader(path).read_metadata()
-    return {k: v.size for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-
-
-# --- manifest and verification --------------------------------------------------------------------
-
-def _file_record(path: Path, checksum: bool = True) -> dict:
-    rec = {"size": path.stat().st_size}
-    if checksum:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        rec["sha256"] = h.hexdigest()
-    return rec
-
-
-def read_manifest(path: Path) -> dict:
-    m = path / MANIFEST
-    if not m.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}, so the save never finished (or the copy is partial)")
-    try:
-        manifest = json.loads(m.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{m}: unreadable ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{m}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
-    return manifest
-
-
-def verify_files(path: Path, files: dict, checksum: bool, share: tuple[int, int] = (0, 1)) -> list[str]:
-    """Problems with this share (rank, world) of the manifest's files; empty when all match."""
-    problems = []
-    rank, world = share
-    for i, name in enumerate(sorted(files)):
-        if i % world != rank:
-            continue
-        want, f = files[name], path / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        got = _file_record(f, checksum and "sha256" in want)
-        if got["size"] != want["size"]:
-            problems.append(f"{name} has {got['size']} bytes, the manifest says {want['size']} (truncated?)")
-        elif checksum and got.get("sha256") != want.get("sha256"):
-            problems.append(f"{name} fails its sha256 check (corrupted)")
-    return problems
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Every `step-N` directory under `root`, newest first (complete or not)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+from launch.checkpoint_files import (FORMAT, LATEST, MANIFEST, META, RECIPE, STEP_DIR, CheckpointError, SafeReader,
+                                     list_checkpoints, read_manifest, step_dir_name, tensor_sizes, verify_files)
 
 # --- collectives over the checkpoint's own group (no-ops in one process) --------------------------
 
@@ -246,6 +101,7 @@ class Checkpointer:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "ckpt") if cfg.async_save else None
         self._pending: Optional[concurrent.futures.Future] = None
         self.last_saved: Optional[Path] = None
+        self.last_loaded: Optional[Path] = None
 
     def _say(self, msg: str) -> None:
         if self.log:
@@ -274,6 +130,15 @@ class Checkpointer:
             return None
         return self._write(entries, step, info, recipe_yaml)
 
+    def save_weights(self, step: int, model, recipe_yaml: str = "") -> Path:
+        """A weights-only checkpoint (e.g. imported from Hugging Face): loading it restores the model
+        only, and training starts at step 0 with a fresh optimizer."""
+        self.wait()
+        entries = cs.model_entries(model, cs.placements(model, self.runtime))
+        info = {"format": FORMAT, "kind": "weights", "step": step, "saved_at": time.time(),
+                "world_size": self.group.world, "torch": torch.__version__}
+        return self._write(entries, step, info, recipe_yaml)
+
     def wait(self) -> Optional[Path]:
         """Finish the save in flight, if any; its error, if it failed, is raised here."""
         fut, self._pending = self._pending, None
@@ -290,22 +155,35 @@ class Checkpointer:
         g, name = self.group, step_dir_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
         start = time.perf_counter()
-        try:
-            if g.rank == 0:
+        prepared = None
+        if g.rank == 0:
+            try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for stale in self.root.glob(".tmp-*"):  # interrupted earlier saves
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir()
-            g.barrier()
-            writer = _RecordingWriter(tmp, sync_files=True)
-            with _quiet():
+            except OSError as e:
+                prepared = f"saving {final} failed: cannot create {tmp} ({e}); check the path and its permissions"
+        prepared = g.broadcast(prepared)  # also the barrier: the directory exists before anyone writes
+        if prepared:
+            raise CheckpointError(prepared)
+        try:
+            writer = cf.RecordingWriter(tmp, sync_files=True)
+            with cf.quiet():
                 dcp.save(entries, storage_writer=writer, planner=cs.SavePlanner(), process_group=g.pg,
                          no_dist=not g.on)
-            mine = {f: _file_record(tmp / f) for f in writer.written}
-            gathered = g.all_gather(mine)
-        except Exception as e:  # noqa: BLE001 - one clear message for any failure of the write
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException; it fails on all ranks
             raise CheckpointError(f"saving {final} failed: {_describe(e)}; the previous "
                                   f"checkpoints are untouched (check free space and permissions of {self.root})") from e
+        try:
+            mine = {f: cf.file_record(tmp / f) for f in writer.written}
+        except OSError as e:  # reported through the gather, so no rank is left waiting
+            mine = {"": f"rank {g.rank}: {e}"}
+        gathered = g.all_gather(mine)
+        failed = [part[""] for part in gathered if "" in part]
+        if failed:
+            raise CheckpointError(f"saving {final} failed: cannot read back the written files ({'; '.join(failed)}); "
+                                  "the previous checkpoints are untouched")
         error = None
         if g.rank == 0:
             try:
@@ -313,13 +191,13 @@ class Checkpointer:
                 (tmp / META).write_text(json.dumps(info, indent=1))
                 (tmp / RECIPE).write_text(recipe_yaml)
                 for extra in (".metadata", META, RECIPE):
-                    files[extra] = _file_record(tmp / extra)
-                _write_atomic(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-                _fsync_dir(tmp)
+                    files[extra] = cf.file_record(tmp / extra)
+                cf.write_atomic(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+                cf.fsync_dir(tmp)
                 self._publish(tmp, final)
                 self._prune(step)
             except OSError as e:
-                error = f"publishing {final} failed: {e}; the previous checkpoints are untouched"
+                error = f"publishing {final} failed: {e}; the checkpoints published before are untouched"
         error = g.broadcast(error)  # every rank learns the outcome (and waits for the publish)
         if error:
             raise CheckpointError(error)
@@ -335,9 +213,9 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(self.root)
-        _write_atomic(self.root / LATEST, final.name + "\n")
-        _fsync_dir(self.root)
+        cf.fsync_dir(self.root)
+        cf.write_atomic(self.root / LATEST, final.name + "\n")
+        cf.fsync_dir(self.root)
 
     def _prune(self, saved_step: int) -> None:
         # Checkpoints newer than the one just saved belong to an abandoned attempt (we resumed from
@@ -356,18 +234,28 @@ class Checkpointer:
         return None
 
     def candidates(self, resume: Optional[str] = None) -> list[Path]:
-        """Checkpoints to try, in order, for `resume` (default: the config's)."""
+        """Checkpoints to try, in order, for `resume` (default: the config's).
+
+        A path outside this run's directory is where a *new* run starts from (another run's
+        checkpoint, another layout, imported weights): once this run has checkpoints of its own,
+        a restart continues from those instead of going back to the start. A path inside this
+        run's directory is an explicit roll-back and always wins."""
         resume = self.cfg.resume if resume is None else resume
         if resume == "never":
             return []
+        own = [p for _, p in list_checkpoints(self.root)]
         if resume == "auto":
-            return [p for _, p in list_checkpoints(self.root)]
+            return own
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a step-N checkpoint directory, "
                                   "a checkpoint root, auto or never")
-        if _STEP_DIR.match(path.name) or (path / MANIFEST).exists():
-            m = _STEP_DIR.match(path.name)
+        inside = self.root.exists() and path.resolve().is_relative_to(self.root.resolve())
+        if own and not inside:
+            self._say(f"{self.root} has checkpoints of this run; resuming from them, not from {path}")
+            return own
+        if STEP_DIR.match(path.name) or (path / MANIFEST).exists():
+            m = STEP_DIR.match(path.name)
             rest = [p for s, p in list_checkpoints(path.parent) if m and s < int(m.group(1))]
             return [path] + (rest if self.cfg.fallback_to_previous else [])
         found = [p for _, p in list_checkpoints(path)]
@@ -389,7 +277,15 @@ class Checkpointer:
     def load(self, model, optimizer, resume: Optional[str] = None) -> Optional[dict]:
         """Restore model, optimizer and RNG states from the newest good checkpoint; return its
         meta.json (step, tokens, data position, ...), or None when there is nothing to resume."""
-        found = self.group.broadcast(self.candidates(resume) if self.group.rank == 0 else None)
+        found = None
+        if self.group.rank == 0:  # one rank reads the directory; all follow (and fail) alike
+            try:
+                found = self.candidates(resume)
+            except CheckpointError as e:
+                found = str(e)
+        found = self.group.broadcast(found)
+        if isinstance(found, str):
+            raise CheckpointError(found)
         if not found:
             if (self.cfg.resume if resume is None else resume) != "never":
                 self._say(f"no checkpoint in {self.root}; starting from scratch")
@@ -398,7 +294,9 @@ class Checkpointer:
         for path in found:
             problem = self.verify(path)
             if problem is None:
-                return self._load_from(path, model, optimizer)
+                info = self._load_from(path, model, optimizer)
+                self.last_loaded = path
+                return info
             failures.append(f"{path.name}: {problem}")
             if not self.cfg.fallback_to_previous:
                 break
@@ -424,10 +322,10 @@ class Checkpointer:
                                   "the recipe that wrote it, or start a new run (checkpoint.resume: never / another dir)")
         rng = cs.rng_targets(self.group.rank, sizes) if full else {}
         try:
-            with _quiet():
+            with cf.quiet():
                 dcp.load({**entries, **rng}, storage_reader=SafeReader(path), planner=cs.LoadPlanner(),
                          process_group=self.group.pg, no_dist=not self.group.on)
-        except Exception as e:  # noqa: BLE001 - DCP raises many types; the user needs one message
+        except (Exception, CheckpointException) as e:  # one message for the many error types
             raise CheckpointError(f"reading {path} failed: {_describe(e)}") from e
         cs.refresh_zero_shards(optimizer)
         if full and not cs.apply_rng(self.group.rank, rng, self.device):
@@ -438,15 +336,16 @@ class Checkpointer:
 
 
 def _to_host(v):
-    if isinstance(v, cs.Piece):
-        return cs.Piece(v.local.detach().to("cpu", copy=True), v.global_shape, v.offsets)
+    if isinstance(v, cs.Blocks):
+        return cs.Blocks(v.global_shape, {o: t.detach().to("cpu", copy=True) for o, t in v.blocks.items()})
     return v.detach().to("cpu", copy=True)
 
 
 def _layout(runtime, optimizer) -> dict:
     if runtime is None:
-        return {"ep": 1, "dp": 1, "zero1": False}
-    return {"ep": runtime.layout.ep, "dp": runtime.layout.dp, "edp": runtime.layout.edp,
+        return {"tp": 1, "ep": 1, "etp": 1, "dp": 1, "edp": 1, "zero1": False}
+    lay = runtime.layout
+    return {"tp": lay.tp, "ep": lay.ep, "etp": lay.etp, "dp": lay.dp, "edp": lay.edp,
             "zero1": hasattr(optimizer, "buckets")}
 
 
@@ -488,7 +387,7 @@ def load_model_weights(path: str | Path, model) -> dict:
     problems = cs.size_problems(entries, tensor_sizes(path))
     if problems:
         raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}.{_config_diff(path, model)}")
-    with _quiet():
+    with cf.quiet():
         dcp.load(entries, storage_reader=SafeReader(path), planner=cs.LoadPlanner(), no_dist=True)
     return json.loads((path / META).read_text())
 

@@ -1,28 +1,32 @@
-"""What a training checkpoint holds, as layout-independent logical tensors, and which piece of each
+"""What a training checkpoint holds, as layout-independent logical tensors, and which blocks of each
 one this rank owns. `launch/checkpoint.py` decides where and when it is written.
 
 Every entry of the DCP state dict is a *logical* tensor whose shape does not depend on the parallel
 layout, so a checkpoint written under one layout loads under any other (DCP reads, for each rank,
-the overlap of the stored pieces with the piece that rank needs):
+the overlap of the stored blocks with the blocks that rank needs):
 
-    model/<fqn>               the parameter or persistent buffer at full size; expert stacks are
-                              [E, D, F] with each EP rank owning a block of rows
-    optim/<fqn>/<name>        per-element optimizer state (AdamW's exp_avg, exp_avg_sq), flattened
-                              to 1-D [numel of the full parameter]: ZeRO-1 shards are contiguous
-                              ranges of a parameter's flat view, which no N-d block can describe
+    model/<fqn>               the parameter or persistent buffer at full size (expert stacks [E, D, F])
+    optim/<fqn>/<name>        per-element optimizer state (AdamW's exp_avg, exp_avg_sq), in the full
+                              parameter's shape
     optim/<fqn>/step          scalar state, replicated
     rng/rank<r>/torch|host|device   this rank's random-number-generator states
 
-A rank's piece is a `Piece` (local tensor + global shape + offsets), understood by the planners
-below; replicated entries are plain tensors, which DCP writes once. Optimizer states are created
-before loading by one zero-learning-rate step on zero gradients, so the optimizer's own code builds
-them (right dtype, device, fused-kernel layout).
+Where a rank's part sits comes from `ParallelRuntime.shards` (name -> `Shard(dim, index, parts)`
+splits, applied in order: expert rows over EP ranks, FFN columns over expert-TP ranks, attention
+heads and MLP rows or columns over TP ranks). A parameter's local tensor is then one block of the
+full tensor. A ZeRO-1 shard is a contiguous range of the *flattened* local parameter, which is
+not a block; `flat_range_blocks` cuts it into at most 2 x ndim - 1 blocks that are each contiguous
+in memory, so every piece of state is a rectangle of the full tensor. `Blocks` carries a rank's
+rectangles of one tensor through DCP's planners; replicated entries are plain tensors, which DCP
+writes once. Optimizer states are created before loading by one zero-learning-rate step on zero
+gradients, so the optimizer's own code builds them (right dtype, device, fused-kernel layout).
 """
 from __future__ import annotations
 
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -35,69 +39,94 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 
 @dataclass
-class Piece:
-    """This rank's block of a logical tensor: `local` sits at `offsets` inside `global_shape`."""
+class Blocks:
+    """This rank's rectangles of a logical tensor of `global_shape`: offsets -> local tensor."""
 
-    local: torch.Tensor
     global_shape: torch.Size
-    offsets: torch.Size
+    blocks: dict[torch.Size, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, offsets, local: torch.Tensor) -> "Blocks":
+        self.blocks[torch.Size(offsets)] = local
+        return self
 
     def size(self) -> torch.Size:
         return self.global_shape
 
-    def chunk(self) -> ChunkStorageMetadata:
-        return ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
+    def chunks(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=o, sizes=t.size()) for o, t in self.blocks.items()]
 
-    # DCP's extension protocol (what DTensor implements): the write items of this piece.
+    def local(self, index: MetadataIndex) -> torch.Tensor:
+        return self.blocks[torch.Size(index.offset)]
+
+    # DCP's extension protocol (what DTensor implements): one write item per block.
     def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
-        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=self.chunk(),
-                                                      properties=TensorProperties.create_from_tensor(self.local),
-                                                      size=self.global_shape))]
+        return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=c, properties=TensorProperties.create_from_tensor(t),
+                                                      size=self.global_shape))
+                for c, t in zip(self.chunks(), self.blocks.values())]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [self.chunk()]
-
-
-def piece(local: torch.Tensor, global_shape, offsets) -> Piece:
-    return Piece(local, torch.Size(global_shape), torch.Size(offsets))
+        return self.chunks()
 
 
 class SavePlanner(DefaultSavePlanner):
-    """DefaultSavePlanner that also resolves `Piece` entries (a flat state dict: no flattening)."""
+    """DefaultSavePlanner that also resolves `Blocks` entries (a flat state dict: no flattening)."""
 
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def lookup_object(self, index: MetadataIndex):
         obj = self.state_dict.get(index.fqn)
-        return obj.local if isinstance(obj, Piece) else super().lookup_object(index)
+        return obj.local(index) if isinstance(obj, Blocks) else super().lookup_object(index)
 
 
 class LoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads `Piece` entries: the stored pieces overlapping this rank's block
-    are copied straight into `Piece.local` (a view of the live tensor)."""
+    """DefaultLoadPlanner that reads `Blocks` entries: the stored pieces overlapping each of this
+    rank's blocks are copied straight into the block's tensor (a view of the live tensor)."""
 
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
-        # DCP's state-dict walker drops objects it does not know, so pieces are kept aside.
-        self.pieces = {k: v for k, v in state_dict.items() if isinstance(v, Piece)}
-        plain = {k: v for k, v in state_dict.items() if not isinstance(v, Piece)}
+        # DCP's state-dict walker drops objects it does not know, so blocks are kept aside.
+        self.blocks = {k: v for k, v in state_dict.items() if isinstance(v, Blocks)}
+        plain = {k: v for k, v in state_dict.items() if not isinstance(v, Blocks)}
         super().set_up_planner(plain, metadata, is_coordinator)
 
     def create_local_plan(self) -> LoadPlan:
         plan = super().create_local_plan()
         items = list(plan.items)
-        for fqn, p in self.pieces.items():
+        for fqn, b in self.blocks.items():
             md = self.metadata.state_dict_metadata[fqn]  # presence and size are checked beforehand
-            items += create_read_items_for_chunk_list(fqn, md, [p.chunk()])
+            items += create_read_items_for_chunk_list(fqn, md, b.chunks())
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        p = self.pieces.get(index.fqn)
-        return p.local if p is not None else super().lookup_tensor(index)
+        b = self.blocks.get(index.fqn)
+        return b.local(index) if b is not None else super().lookup_tensor(index)
+
+
+def flat_range_blocks(shape, a: int, b: int) -> list[tuple[tuple, tuple]]:
+    """Elements [a, b) of a row-major tensor of `shape`, as (offsets, sizes) rectangles in order,
+    each contiguous in memory."""
+    if a >= b:
+        return []
+    if len(shape) <= 1:
+        return [((a,), (b - a,))]
+    inner = math.prod(shape[1:])
+    out = []
+    row = a // inner
+    if a % inner:  # the tail of a partial first row
+        end = min(b, (row + 1) * inner)
+        out += [((row, *o), (1, *z)) for o, z in flat_range_blocks(shape[1:], a - row * inner, end - row * inner)]
+        a, row = end, row + 1
+    last = b // inner
+    if last > row and a < b:  # whole rows
+        out.append(((row,) + (0,) * (len(shape) - 1), (last - row, *shape[1:])))
+        a = last * inner
+    if a < b:  # the head of a partial last row
+        out += [((last, *o), (1, *z)) for o, z in flat_range_blocks(shape[1:], a - last * inner, b - last * inner)]
+    return out
 
 
 # --- where this rank's parameters sit in the full model ---------------------------------------
@@ -105,25 +134,23 @@ class LoadPlanner(DefaultLoadPlanner):
 @dataclass(frozen=True)
 class Placement:
     global_shape: torch.Size
-    row_offset: int  # first row (dim 0) of the local tensor inside the full tensor
-
-    def flat_offset(self, local: torch.Tensor) -> int:
-        return self.row_offset * (local[0].numel() if local.dim() else 1)
+    offsets: tuple  # of this rank's block inside the full tensor
 
 
 def placements(model: nn.Module, runtime=None) -> dict[str, Placement]:
-    """Full shape and row offset of every parameter and persistent buffer of `model` on this rank.
-    Only the expert stacks are sharded (by expert parallelism, along dim 0)."""
-    expert = set(getattr(runtime, "expert_param_names", None) or [])
-    ep = runtime.layout.ep if runtime is not None else 1
-    ep_rank = runtime.meshes.ep_rank() if runtime is not None and ep > 1 else 0
+    """Full shape and block offsets of every parameter and persistent buffer of `model` on this
+    rank, from the runtime's `shards` (splits applied in order, as parallel.layout.take_shard)."""
+    shards = getattr(runtime, "shards", None) or {}
     out = {}
     for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
-        if name in expert and ep > 1:
-            rows = t.shape[0]
-            out[name] = Placement(torch.Size((rows * ep, *t.shape[1:])), rows * ep_rank)
-        else:
-            out[name] = Placement(t.shape, 0)
+        full = list(t.shape)
+        for s in shards.get(name, ()):
+            full[s.dim] *= s.parts
+        offsets, cur = [0] * t.dim(), list(full)
+        for s in shards.get(name, ()):
+            cur[s.dim] //= s.parts
+            offsets[s.dim] += s.index * cur[s.dim]
+        out[name] = Placement(torch.Size(full), tuple(offsets))
     return out
 
 
@@ -134,16 +161,16 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield (f"{mod_name}.{name}" if mod_name else name), buf
 
 
+def _entry(local: torch.Tensor, pl: Placement):
+    """A whole local tensor: plain when it is the full tensor (replicated), else one block."""
+    if pl.global_shape == local.shape:
+        return local
+    return Blocks(pl.global_shape).add(pl.offsets, local)
+
+
 def model_entries(model: nn.Module, place: dict[str, Placement]) -> dict[str, object]:
-    out = {}
-    for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
-        pl = place[name]
-        key = f"model/{name}"
-        if pl.global_shape == t.shape:
-            out[key] = t.detach()
-        else:
-            out[key] = piece(t.detach(), pl.global_shape, (pl.row_offset,) + (0,) * (t.dim() - 1))
-    return out
+    return {f"model/{name}": _entry(t.detach(), place[name])
+            for name, t in list(model.named_parameters()) + list(_persistent_buffers(model))}
 
 
 # --- optimizer state ----------------------------------------------------------------------------
@@ -205,20 +232,20 @@ def optimizer_entries(model: nn.Module, optimizer, place: dict[str, Placement]) 
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     out: dict[str, object] = {}
-
-    def flat(name: str, key: str, local_flat: torch.Tensor, start: int) -> None:
-        """Elements [start, start + len) of this rank's part of parameter `name`, flattened."""
-        pl = place[name]
-        out[f"optim/{name}/{key}"] = piece(local_flat, (pl.global_shape.numel(),),
-                                           (pl.flat_offset(params[name]) + start,))
-
     if _is_zero(optimizer):
         for bucket in optimizer.buckets:
             state = dict(_state_items(optimizer.inner.state[bucket.shard]))
             for p, a, b, s in _zero_overlaps(bucket):
+                name, pl = names[id(p)], place[names[id(p)]]
                 for key, v in state.items():
-                    if v.dim():
-                        flat(names[id(p)], key, v[s:s + b - a], a)
+                    if not v.dim():
+                        continue
+                    entry = out.setdefault(f"optim/{name}/{key}", Blocks(pl.global_shape))
+                    pos = s
+                    for offs, sizes in flat_range_blocks(p.shape, a, b):
+                        n = math.prod(sizes)
+                        entry.add([o + q for o, q in zip(offs, pl.offsets)], v[pos:pos + n].view(sizes))
+                        pos += n
             for p in bucket.params:  # the bucket's step counter stands for each of its parameters
                 for key, v in state.items():
                     if not v.dim():
@@ -228,13 +255,10 @@ def optimizer_entries(model: nn.Module, optimizer, place: dict[str, Placement]) 
         for p in group["params"]:
             name = names[id(p)]
             for key, v in _state_items(optimizer.state.get(p, {})):
-                if not v.dim():
-                    out[f"optim/{name}/{key}"] = v
-                elif v.numel() == p.numel():
-                    flat(name, key, v.view(-1), 0)
-                else:
-                    raise TypeError(f"optimizer state {key!r} of {name} has {v.numel()} elements, the "
-                                    f"parameter {p.numel()}; only per-element state can be checkpointed")
+                if v.dim() and v.shape != p.shape:
+                    raise TypeError(f"optimizer state {key!r} of {name} has shape {list(v.shape)}, the parameter "
+                                    f"{list(p.shape)}; only per-element state can be checkpointed")
+                out[f"optim/{name}/{key}"] = v if not v.dim() else _entry(v, place[name])
     return out
 
 

@@ -3,6 +3,8 @@
     ultramoe train --recipe configs/recipes/tiny_cpu.yaml [section.field=value ...]
     ultramoe prepare-data --input corpus.jsonl --output-prefix data/corpus --tokenizer byte
     ultramoe simulate estimate|search|calibrate|validate ...
+    ultramoe export-hf --checkpoint runs/tiny_cpu/checkpoints --out hf/tiny
+    ultramoe import-hf --hf hf/tiny --out runs/imported/checkpoints
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ COMMANDS = {
     "train": ("launch.train", "train a model from a recipe YAML (also under torchrun)"),
     "prepare-data": ("launch.prepare_data", "turn text or JSONL into a Megatron .bin/.idx dataset"),
     "simulate": ("simulator.cli", "predict step time, MFU and memory; search layouts and model shapes"),
+    "export-hf": ("launch.hf_export", "export a checkpoint's model to Hugging Face layout (DeepSeek-V3 names)"),
+    "import-hf": ("launch.hf_import", "turn a Hugging Face model directory into a weights-only checkpoint"),
 }
 
 

@@ -178,7 +178,7 @@ class Recovery:
         if info is None:
             return 0
         if info.get("kind") == "weights":  # e.g. imported from Hugging Face: a fresh run
-            self._say(f"initialised the weights from {self.ckpt.root}; training starts at step 0")
+            self._say(f"initialised the weights from {self.ckpt.last_loaded}; training starts at step 0")
             return 0
         self.tokens = int(info.get("tokens", 0))
         self.train_it.load_state_dict(info["data"])

@@ -77,6 +77,8 @@ class ParallelConfig:
             raise ConfigError(f"{p}ep: model.num_experts={model.num_experts} is not divisible by "
                               f"{'ep*tp' if self.tp_extend_ep else 'ep'}={ep_size}; choose ep among "
                               f"{_divisors(model.num_experts)}")
+        if model is not None and self.tp > 1:
+            self._check_tp_split(model, p)
         if world_size > self.devices_per_node and world_size % self.devices_per_node:
             raise ConfigError(f"{p}devices_per_node: {self.devices_per_node} does not divide the world size "
                               f"{world_size}; set it to the number of ranks on each node")
@@ -92,3 +94,23 @@ class ParallelConfig:
                 raise ConfigError(f"{p}devices_per_node: the hierarchical dispatcher needs each EP group to "
                                   f"fill whole nodes or fit inside one; ep={ep_size} and devices_per_node="
                                   f"{node} do not divide one another")
+
+    def _check_tp_split(self, model: "ModelConfig", p: str) -> None:
+        """Every width that tensor parallelism splits must divide evenly over the tp ranks."""
+        tp = self.tp
+        widths = [("model.num_heads", model.num_heads, "")]
+        if model.attention == "gqa":
+            widths.append(("model.num_kv_heads", model.num_kv_heads, ""))
+        moe = model.num_moe_layers > 0
+        if model.first_k_dense > 0 or (model.mtp_layers > 0 and not moe):  # some layer has a dense MLP
+            widths.append(("model.dense_ffn_size", model.dense_ffn_size, ""))
+        if moe and model.num_shared_experts > 0:
+            widths.append(("the shared experts' width model.num_shared_experts*expert_ffn_size",
+                           model.num_shared_experts * model.expert_ffn_size, ""))
+        if moe and not self.tp_extend_ep:
+            widths.append(("model.expert_ffn_size", model.expert_ffn_size,
+                           ", or set tp_extend_ep: true (TP ranks then split experts, not their weights)"))
+        for what, n, alternative in widths:
+            if n % tp:
+                raise ConfigError(f"{p}tp: {what}={n} is not divisible by tp={tp}; choose tp among "
+                                  f"{_divisors(n)}{alternative}")

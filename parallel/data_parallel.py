@@ -7,12 +7,19 @@ global batch (all `dp` micro-batches), so every gradient is summed over ranks an
 - an expert parameter lives on one rank of each EP group, and its local gradient already sums the
   contributions of every token the EP group sent to it (the dispatcher's backward brings them
   back); the replicas of that expert form the expert-data-parallel (edp) group: all-reduce there.
-The global norm counts each parameter once: dense squares (identical on all ranks after the
-reduction) plus expert squares summed over the EP group.
+With tensor parallelism, a replicated parameter outside the TP regions sees the same inputs and
+the same output gradient on every TP rank, so its gradient is already identical there; parameters
+replicated *inside* a TP region (MLA's latent projections, see tensor_parallel.py) back-propagate
+only this rank's heads, so their gradients are first summed over the TP group. TP-split parameters
+are reduced over the dp group like any dense parameter (its ranks hold the same slice).
+The global norm counts each parameter once: replicated squares (identical on all ranks after the
+reduction), TP-split squares summed over the TP group, expert squares summed over the EP group (and
+over the expert-TP group when each expert is split).
 """
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -39,16 +46,21 @@ class GradReducer:
     """The `grad_reducer` hook of `launch.train.train_step`: call after backward, before the
     optimizer step. Returns the global gradient norm (before clipping)."""
 
-    def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str]):
+    def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str],
+                 tp_split_names: Iterable[str] = (), tp_partial_names: Iterable[str] = ()):
         self.meshes = meshes
-        expert = set(expert_param_names)
+        expert, split, partial = set(expert_param_names), set(tp_split_names), set(tp_partial_names)
         named = list(model.named_parameters())
-        unknown = expert - {n for n, _ in named}
+        unknown = (expert | split | partial) - {n for n, _ in named}
         if unknown:
-            raise ValueError(f"GradReducer: expert parameters not in the model: {sorted(unknown)}")
+            raise ValueError(f"GradReducer: parameters not in the model: {sorted(unknown)}")
         # Fixed order on every rank: the flat buckets must line up element for element.
         self.dense = [p for n, p in named if n not in expert and p.requires_grad]
         self.expert = [p for n, p in named if n in expert and p.requires_grad]
+        self.tp_split = [p for n, p in named if n in split and p.requires_grad]
+        self.tp_partial = [p for n, p in named if n in partial and p.requires_grad]
+        split_ids = {id(p) for p in self.tp_split}
+        self.replicated = [p for p in self.dense if id(p) not in split_ids]
         self.routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
 
     def __call__(self, params=None, max_norm: float = 0.0) -> float:
@@ -58,6 +70,8 @@ class GradReducer:
         for p in self.dense + self.expert:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if layout.tp > 1:
+            _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.tp_group, 1)
         _all_reduce_mean([p.grad for p in self.dense], self.meshes.dp_group, layout.dp)
         _all_reduce_mean([p.grad for p in self.expert], self.meshes.edp_group, layout.dp)
         norm = self.global_norm()
@@ -76,10 +90,16 @@ class GradReducer:
             if not params:
                 return torch.zeros((), device=device)
             return torch.stack([p.grad.detach().float().norm() for p in params]).pow(2).sum()
+        layout = self.meshes.layout
         expert_sq = sq(self.expert)
-        if self.meshes.layout.ep > 1:
+        if layout.ep > 1:
             dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.ep_group)
-        return math.sqrt(float(sq(self.dense)) + float(expert_sq))
+        if layout.etp > 1:
+            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.etp_group)
+        split_sq = sq(self.tp_split)
+        if layout.tp > 1:
+            dist.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=self.meshes.tp_group)
+        return math.sqrt(float(sq(self.replicated)) + float(split_sq) + float(expert_sq))
 
     @torch.no_grad()
     def sync_router_load(self) -> None:

@@ -7,6 +7,16 @@ token's weighted copies. Gradients flow through every exchange (parallel/comm.py
 weights and the expert inputs get exactly the single-device gradients.
 
 Experts are split in order: EP rank r of the group holds experts [r * El, (r + 1) * El).
+
+With tensor parallelism (tp > 1) every rank of a TP group holds the same tokens and routing, and
+one of two wrappers goes around the EP dispatcher:
+- `ExpertTPDispatcher` (expert tensor parallelism, etp = tp): each TP rank dispatches all tokens
+  within its EP group (the ranks of the same TP index) to experts holding its 1/tp of the FFN width;
+  partial outputs are summed over TP after combine. Inputs and routing weights enter through f
+  (identity forward, gradient summed over TP), the output leaves through g (sum forward).
+- `TokenSplitDispatcher` (TP-extend-EP, etp = 1): the EP group spans ep x tp ranks with whole
+  experts, so TP rank r dispatches only its slice r of the tokens (no expert work is repeated)
+  and the combined slices are all-gathered back over TP.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from torch import Tensor
 from moe.dispatch import LocalDispatcher
 from parallel.comm import CommStats, all_gather, all_gather_sizes, all_to_all, exchange_counts, reduce_scatter
 from parallel.config import DISPATCHERS
+from parallel.tp_comm import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
 
 
 def chunk_permutation(counts_SE: Tensor) -> Tensor:
@@ -192,11 +203,46 @@ class HierarchicalDispatcher:
         return out_TD.index_add(0, pending.sel, back.to(out_TD.dtype)).to(y_ND.dtype)
 
 
-def make_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats] = None,
-                    overlap: bool = True):
-    """The dispatcher `name` for one MoE layer of `num_experts` experts over `meshes`' EP group."""
-    if name not in DISPATCHERS:
-        raise ValueError(f"unknown dispatcher {name!r}; allowed: {', '.join(DISPATCHERS)}")
+class ExpertTPDispatcher:
+    """Expert tensor parallelism around an EP dispatcher (see the module docstring)."""
+
+    def __init__(self, inner, tp_group):
+        self.inner, self.tp_group = inner, tp_group
+        self.num_local_experts = inner.num_local_experts
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor):
+        return self.inner.dispatch(copy_to_tp(x_TD, self.tp_group), expert_idx_TK,
+                                   copy_to_tp(weights_TK, self.tp_group))
+
+    def combine(self, y_ND: Tensor, pending) -> Tensor:
+        return reduce_from_tp(self.inner.combine(y_ND, pending), self.tp_group)
+
+
+class _SplitPending:
+    def __init__(self, inner, num_tokens: int):
+        self.inner, self.num_tokens = inner, num_tokens
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        return self.inner.wait()
+
+
+class TokenSplitDispatcher:
+    """TP-extend-EP around an EP dispatcher over ep x tp ranks (see the module docstring)."""
+
+    def __init__(self, inner, tp_group):
+        self.inner, self.tp_group = inner, tp_group
+        self.num_local_experts = inner.num_local_experts
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _SplitPending:
+        g = self.tp_group
+        pending = self.inner.dispatch(split_to_tp(x_TD, g), split_to_tp(expert_idx_TK, g), split_to_tp(weights_TK, g))
+        return _SplitPending(pending, x_TD.shape[0])
+
+    def combine(self, y_ND: Tensor, pending: _SplitPending) -> Tensor:
+        return gather_from_tp(self.inner.combine(y_ND, pending.inner), pending.num_tokens, self.tp_group)
+
+
+def _ep_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats], overlap: bool):
     if meshes.layout.ep == 1:
         return LocalDispatcher(kernels, num_experts)
     if name == "allgather":
@@ -206,3 +252,18 @@ def make_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optiona
     if name == "alltoall":
         return AllToAllDispatcher(kernels, num_experts, meshes.ep_group, stats, overlap)
     raise ValueError(f"dispatcher {name!r} needs ep = 1 (it keeps every expert local)")
+
+
+def make_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats] = None,
+                    overlap: bool = True):
+    """The dispatcher `name` for one MoE layer of `num_experts` experts over `meshes`' EP group,
+    wrapped for tensor parallelism when tp > 1."""
+    if name not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {name!r}; allowed: {', '.join(DISPATCHERS)}")
+    inner = _ep_dispatcher(name, kernels, num_experts, meshes, stats, overlap)
+    layout = meshes.layout
+    if layout.etp > 1:
+        return ExpertTPDispatcher(inner, meshes.etp_group)
+    if layout.tp > 1:  # TP-extend-EP: the TP ranks are inside the EP group
+        return TokenSplitDispatcher(inner, meshes.tp_group)
+    return inner

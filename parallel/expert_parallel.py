@@ -1,10 +1,15 @@
 """Apply expert parallelism to a single-device MoE model, from the outside, through its hooks.
 
-For every MoE layer: keep only this EP rank's slice of the stacked expert weights, install the
-configured dispatcher, and point the router's `stats_reducer` at the EP group (EP-group balance
-loss; bias-update counts, which `data_parallel.py` first sums over the replicas). The model must
-have been built with the same seed on every rank, so the slices of one full initialisation are
-exactly the single-device weights.
+For every MoE layer: keep only this EP rank's slice of the stacked expert weights (and, with expert
+tensor parallelism, this etp rank's slice of each expert's FFN width), install the configured
+dispatcher (wrapped for tensor parallelism by `make_dispatcher`), and point the router's
+`stats_reducer` at the EP group (EP-group balance loss; bias-update counts, which
+`data_parallel.py` first sums over the replicas). The model must have been built with the same seed
+on every rank, so the slices of one full initialisation are exactly the single-device weights.
+
+The router runs on every rank of a TP group on the same tokens, so its counts are the same there.
+With TP-extend-EP the EP group holds tp such copies of each data-parallel rank's counts; the
+reducer divides them out so the counts stay those of the global batch.
 """
 from __future__ import annotations
 
@@ -17,44 +22,57 @@ from torch import nn
 from moe.layer import GroupedExperts, MoELayer
 from parallel.comm import CommStats
 from parallel.dispatchers import make_dispatcher
+from parallel.layout import Shard, take_shard
 from parallel.mesh import Meshes
 
 EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD")
+FFN_DIM = {"w1_EDF": 2, "w3_EDF": 2, "w2_EFD": 1}  # the F axis of each stack (expert TP splits it)
 
 
-def local_expert_range(num_experts: int, ep: int, ep_rank: int) -> tuple[int, int]:
-    per = num_experts // ep
-    return ep_rank * per, (ep_rank + 1) * per
-
-
-def shard_experts(experts: GroupedExperts, lo: int, hi: int) -> None:
-    for name in EXPERT_WEIGHTS:
+def shard_experts(experts: GroupedExperts, shards: dict[str, tuple[Shard, ...]]) -> None:
+    for name, spec in shards.items():
         full = getattr(experts, name)
-        setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+        setattr(experts, name, nn.Parameter(take_shard(full.detach(), spec).clone(), requires_grad=full.requires_grad))
 
 
-def _sum_over(group):
+def expert_shards(meshes: Meshes) -> dict[str, tuple[Shard, ...]]:
+    """How this rank's part of each expert stack sits in the full stack (empty: not sharded)."""
+    layout = meshes.layout
+    out = {}
+    for name in EXPERT_WEIGHTS:
+        spec = []
+        if layout.ep > 1:  # EP rank r holds experts [r * E / ep, (r + 1) * E / ep)
+            spec.append(Shard(0, meshes.ep_rank(), layout.ep))
+        if layout.etp > 1:
+            spec.append(Shard(FFN_DIM[name], meshes.etp_rank(), layout.etp))
+        out[name] = tuple(spec)
+    return out
+
+
+def _sum_over(group, copies: int = 1):
     def reduce(counts: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        return counts
+        return counts.div_(copies) if copies > 1 else counts  # exact: `copies` equal integer terms
     return reduce
 
 
 def apply_expert_parallel(model: nn.Module, meshes: Meshes, dispatcher: str, stats: Optional[CommStats] = None,
-                          overlap: bool = True) -> list[str]:
-    """Shard and rewire every MoE layer of `model` in place; return the names of the expert
-    parameters (their gradients are reduced over the expert-data-parallel group)."""
+                          overlap: bool = True) -> dict[str, tuple[Shard, ...]]:
+    """Shard and rewire every MoE layer of `model` in place; return every expert parameter's name
+    (their gradients are reduced over the expert-data-parallel group) with its shards."""
     layout = meshes.layout
-    ep_rank = meshes.ep_rank()
-    names = []
+    # TP-extend-EP: the EP group holds every TP rank of its data-parallel ranks (same counts each).
+    copies = layout.tp if layout.etp == 1 else 1
+    names = {}
     for module_name, layer in model.named_modules():
         if not isinstance(layer, MoELayer):
             continue
         num_experts = layer.cfg.num_experts
+        shards = expert_shards(meshes)
+        shard_experts(layer.experts, {n: s for n, s in shards.items() if s})
         if layout.ep > 1:
-            shard_experts(layer.experts, *local_expert_range(num_experts, layout.ep, ep_rank))
-            layer.router.stats_reducer = _sum_over(meshes.ep_group)
+            layer.router.stats_reducer = _sum_over(meshes.ep_group, copies)
         layer.dispatcher = make_dispatcher(dispatcher, layer.experts.kernels, num_experts, meshes, stats, overlap)
         prefix = f"{module_name}.experts." if module_name else "experts."
-        names += [prefix + w for w in EXPERT_WEIGHTS]
+        names.update({prefix + w: shards[w] for w in EXPERT_WEIGHTS})
     return names

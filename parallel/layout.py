@@ -9,7 +9,7 @@ intra-node part (ep_intra) and an inter-node part (ep_inter) for the hierarchica
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -19,10 +19,25 @@ from parallel.config import ParallelConfig
 
 def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
     """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
-    for name in ("tp", "pp", "cp"):
+    for name in ("pp", "cp"):
         if getattr(cfg, name) != 1:
             raise ConfigError(f"{path}.{name}: {name}={getattr(cfg, name)} is not supported by the training "
-                              f"runtime yet (expert and data parallelism are); set {name}: 1")
+                              f"runtime yet (tensor, expert and data parallelism are); set {name}: 1")
+
+
+class Shard(NamedTuple):
+    """One split of a parameter: this rank holds block `index` of `parts` equal blocks along `dim`."""
+    dim: int
+    index: int
+    parts: int
+
+
+def take_shard(full, shards):
+    """The block of tensor `full` that `shards` (applied in order) describe, as a view."""
+    for s in shards:
+        size = full.shape[s.dim] // s.parts
+        full = full.narrow(s.dim, s.index * size, size)
+    return full
 
 
 @dataclass(frozen=True)

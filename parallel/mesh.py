@@ -58,6 +58,16 @@ class Meshes:
         return self.expert.get_group("edp")
 
     @property
+    def tp_group(self) -> dist.ProcessGroup:
+        """Ranks that split attention heads and dense FFN widths; they hold the same tokens."""
+        return self.dense.get_group("tp")
+
+    @property
+    def etp_group(self) -> dist.ProcessGroup:
+        """Ranks that split each expert's FFN width (the TP group when etp = tp)."""
+        return self.expert.get_group("etp")
+
+    @property
     def ep_intra_group(self) -> dist.ProcessGroup:
         assert self.expert_nodes is not None, "built without nodes=True"
         return self.expert_nodes.get_group("ep_intra")
@@ -72,3 +82,9 @@ class Meshes:
 
     def dp_rank(self) -> int:
         return self.dense.get_local_rank("dp")
+
+    def tp_rank(self) -> int:
+        return self.dense.get_local_rank("tp")
+
+    def etp_rank(self) -> int:
+        return self.expert.get_local_rank("etp")

@@ -20,9 +20,10 @@ def step_metrics(stats: CommStats, meshes: Meshes, device: str = "cpu") -> dict:
     all_gather_single(every, mine)
     every = every.view(layout.world, 3).cpu()
     stats.reset()
-    # Token copies per EP index, summed over the replicas (expert grid: pp, edp, ep, etp).
+    # Token copies per EP index, summed over the replicas (expert grid: pp, edp, ep, etp). The etp
+    # ranks of one expert all receive the same copies (each for its slice of the FFN): count once.
     grid = torch.from_numpy(layout.expert_grid())
-    per_ep = every[:, 2][grid].sum(dim=(0, 1, 3))
+    per_ep = every[:, 2][grid][..., 0].sum(dim=(0, 1))
     mean = float(per_ep.float().mean())
     return {
         "comm_intra_node_bytes": int(every[:, 0].sum()),

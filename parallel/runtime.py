@@ -1,7 +1,9 @@
 """One object that applies the whole parallel layout to a model and a training loop.
 
 `ParallelRuntime.setup` (after `torch.distributed` is initialised, on every rank) builds the meshes;
-`parallelize(model)` shards the experts and installs the dispatchers and the gradient reducer;
+`parallelize(model)` splits attention and dense MLPs over the TP group, shards the experts, and
+installs the dispatchers and the gradient reducer; `shards` then says where each split parameter
+sits in the full one (for checkpoints and tests);
 `wrap_optimizer` adds ZeRO-1 when configured; `step_metrics` and `mean_over_dp` produce the log line
 (collectives: call them on every rank). Used by launch/train.py under torchrun and by the tests.
 """
@@ -19,9 +21,10 @@ from parallel.comm import CommStats
 from parallel.config import ParallelConfig
 from parallel.data_parallel import GradReducer
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.layout import Layout, check_runtime_support
+from parallel.layout import Layout, Shard, check_runtime_support
 from parallel.mesh import Meshes
 from parallel.metrics import step_metrics
+from parallel.tensor_parallel import TPPlan, apply_tensor_parallel
 from parallel.zero import ZeroOptimizer
 
 
@@ -40,6 +43,9 @@ class ParallelRuntime:
     stats: CommStats
     device: str = "cpu"
     expert_param_names: list[str] = field(default_factory=list)
+    # Every split parameter: the blocks of the full tensor this rank holds (EP, expert TP, TP).
+    shards: dict[str, tuple[Shard, ...]] = field(default_factory=dict)
+    tp_partial_names: list[str] = field(default_factory=list)  # replicated inside a TP region
     grad_reducer: Optional[GradReducer] = None
 
     @classmethod
@@ -67,9 +73,14 @@ class ParallelRuntime:
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """In place: `model` must be the full single-device model, built with the same seed on every rank."""
-        self.expert_param_names = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats,
-                                                        self.cfg.overlap)
-        self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names)
+        tp = TPPlan()
+        if self.layout.tp > 1:
+            tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp)
+        experts = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats, self.cfg.overlap)
+        self.expert_param_names = list(experts)
+        self.shards = {**tp.shards, **{n: s for n, s in experts.items() if s}}
+        self.tp_partial_names = tp.partial
+        self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names, tp.shards, tp.partial)
         return model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):

@@ -1,16 +1,17 @@
 """Calibration: microbenchmarks on this machine, fitted into a hardware profile.
 
 Measures, with the same PyTorch the trainer uses:
-- linear layers forward + backward over a grid of (m, k, n) shapes: the best rate becomes the peak,
-  and the matmul efficiency curve (peak_fraction, half_dim) is fitted to all shapes through the same
-  roofline the cost model evaluates;
+- linear layers forward + backward over a grid of (m, k, n) shapes: the peak rate and the matmul
+  efficiency curve's half_dim are fitted to all shapes through the same roofline the cost model
+  evaluates;
 - causal scaled-dot-product attention forward + backward, giving the attention factor against a
   GEMM of its shape;
 - memory bandwidth (a large element-wise add) and the fixed cost of one operator under autograd
   (a chain of tiny ops, forward and backward);
 - the project's element-wise operators and the optimizer step (`opbench.py`);
-- gloo collectives (all-reduce, all-gather, all-to-all) at world sizes 2 and 4, spawned with
-  torch.multiprocessing; bandwidth and per-step latency are fitted to the step and byte counts of
+- how much ranks running at once slow one another's compute on this machine;
+- gloo collectives (all-reduce, all-gather, all-to-all) at world sizes up to the core count, spawned
+  with torch.multiprocessing; bandwidth and per-step latency are fitted to the step and byte counts of
   `comm.py`, so prediction and measurement use the same formulas.
 On one box every "node" is the same machine: the inter-node link is set to the measured one.
 """
@@ -70,18 +71,20 @@ def measure_linears(dims_m, dims_kn) -> list[tuple[int, int, int, float]]:
 
 
 def fit_matmul(samples, mem_bw: float, overhead: float) -> tuple[float, MatmulEfficiency, float]:
-    """Peak (the best forward + backward rate) and a grid fit of (peak_fraction, half_dim)
-    minimising the squared log error of `predict_linear`."""
-    peak = max(6.0 * m * k * n / t for m, k, n, t in samples)
-    best = (math.inf, None)
+    """Grid fit of the peak rate and `half_dim` (with peak_fraction 1: on a CPU the peak is itself a
+    fitted quantity, the rate an infinitely large GEMM would approach) minimising the squared log
+    error of `predict_linear` over the samples."""
+    best_rate = max(6.0 * m * k * n / t for m, k, n, t in samples)
+    best = (math.inf, None, None)
     for half in [0] + [2 ** (i / 2) for i in range(2, 21)]:
-        for pf in [0.3 + 0.025 * i for i in range(29)]:
-            eff = MatmulEfficiency(peak_fraction=pf, half_dim=half)
+        eff = MatmulEfficiency(peak_fraction=1.0, half_dim=half)
+        for scale in [1.0 + 0.02 * i for i in range(101)]:
+            peak = best_rate * scale
             err = sum(math.log(predict_linear(eff, peak, mem_bw, overhead, m, k, n) / t) ** 2
                       for m, k, n, t in samples)
             if err < best[0]:
-                best = (err, eff)
-    return peak, best[1], math.sqrt(best[0] / len(samples))
+                best = (err, peak, eff)
+    return best[1], best[2], math.sqrt(best[0] / len(samples))
 
 
 def fit_attention(peak: float, eff: MatmulEfficiency, overhead: float,
@@ -125,20 +128,28 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
                    "all_to_all": lambda: dist.all_to_all_single(out, buf)}
             for name, fn in ops.items():
                 times = []
-                for i in range(6):
+                for i in range(12):
                     dist.barrier()
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
-                res.append((name, world, n * 4, statistics.median(times[1:])))
+                res.append((name, world, n * 4, min(times[1:])))
         if rank == 0:
             queue.put(res)
     finally:
         dist.destroy_process_group()
 
 
-def measure_collectives(worlds=(2, 4), sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> list[tuple]:
+def rank_counts() -> tuple[int, ...]:
+    """World sizes to measure: 2, 4, 8 up to the core count (more ranks than cores measure the
+    scheduler, not the link); at least 2."""
+    cores = os.cpu_count() or 1
+    return tuple(w for w in (2, 4, 8) if w <= cores) or (2,)
+
+
+def measure_collectives(worlds=None, sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> list[tuple]:
     import torch.multiprocessing as mp
+    worlds = worlds or rank_counts()
     ctx = mp.get_context("spawn")
     out = []
     for world in worlds:
@@ -155,19 +166,63 @@ def measure_collectives(worlds=(2, 4), sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> 
     return out
 
 
+_CONCURRENCY_SHAPES = ((512, 256, 512), (2048, 256, 256), (256, 1024, 1024))
+
+
+def fresh_tensor_op(elems: int = 2**22) -> float:
+    """Seconds for an element-wise op whose output is a fresh tensor far larger than cache, as
+    eager training allocates them: memory traffic plus the page faults of a new allocation."""
+    x = torch.randn(elems)
+    return timed(lambda: x * 1.0001, min_s=0.05)
+
+
+def _concurrency_worker(barrier, queue) -> None:
+    torch.set_num_threads(1)
+    barrier.wait()
+    compute = [linear_fwd_bwd(m, k, n) for m, k, n in _CONCURRENCY_SHAPES]
+    barrier.wait()
+    queue.put((compute, fresh_tensor_op()))
+
+
+def measure_concurrency(worlds=(2,)) -> dict[int, list[float]]:
+    """How much ranks running at once on this machine slow one another (shared caches, memory
+    bandwidth, page-fault handling, the hypervisor's cores): w -> [compute factor, memory factor],
+    the slowest rank's time at w ranks over the time alone, for cache-resident linear layers
+    (geometric mean over a few shapes) and for `fresh_tensor_op`. Separate processes,
+    so the measurement sees what torchrun's ranks see."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    res = {}
+    for w in (1, *worlds):
+        barrier, queue = ctx.Barrier(w), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_concurrency_worker, args=(barrier, queue)) for _ in range(w)]
+        for p in procs:
+            p.start()
+        out = [queue.get() for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        res[w] = ([max(col) for col in zip(*(c for c, _ in out))], max(t for _, t in out))
+    base_c, base_m = res[1]
+    return {w: [float(statistics.geometric_mean([c / a for c, a in zip(res[w][0], base_c)])), res[w][1] / base_m]
+            for w in worlds}
+
+
 def fit_link(samples: list[tuple]) -> tuple[Link, float]:
-    """Least-squares fit of t = steps * latency + bytes / bandwidth with comm.py's counts."""
+    """Least-squares fit (relative error) of t = steps * latency + bytes / bandwidth with comm.py's
+    step and byte counts."""
     rows = []
     for name, world, nbytes, t in samples:
         c = {"all_reduce": all_reduce(nbytes, world, 1, world), "all_gather": all_gather(nbytes, world, 1, world),
              "all_to_all": all_to_all(nbytes, world, 1, world)}[name]
         rows.append((c.steps, c.bytes, t))
-    # normal equations for two non-negative coefficients
-    sxx = sum(s * s for s, _, _ in rows)
-    sxy = sum(s * b for s, b, _ in rows)
-    syy = sum(b * b for _, b, _ in rows)
-    sxt = sum(s * t for s, _, t in rows)
-    syt = sum(b * t for _, b, t in rows)
+    # normal equations for two non-negative coefficients, each sample weighted by 1/t^2 so that
+    # small messages (latency) count as much as large ones (bandwidth): relative error
+    w = [1 / t ** 2 for _, _, t in rows]
+    sxx = sum(wi * s * s for wi, (s, _, _) in zip(w, rows))
+    sxy = sum(wi * s * b for wi, (s, b, _) in zip(w, rows))
+    syy = sum(wi * b * b for wi, (_, b, _) in zip(w, rows))
+    sxt = sum(wi * s * t for wi, (s, _, t) in zip(w, rows))
+    syt = sum(wi * b * t for wi, (_, b, t) in zip(w, rows))
     det = sxx * syy - sxy * sxy
     lat = (sxt * syy - syt * sxy) / det
     inv_bw = (sxx * syt - sxy * sxt) / det
@@ -202,8 +257,8 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     dims_kn = [64, 256, 1024] if not quick else [64, 512]
     samples = measure_linears(dims_m, dims_kn)
     peak, eff, rms = fit_matmul(samples, mem_bw, overhead)
-    log(f"  linear fwd+bwd: peak {peak / 1e9:.1f} GFLOP/s over {len(samples)} shapes; fitted peak_fraction "
-        f"{eff.peak_fraction:.3f}, half_dim {eff.half_dim:.1f} (rms log error {rms:.2f})")
+    log(f"  linear fwd+bwd over {len(samples)} shapes: fitted peak {peak / 1e9:.1f} GFLOP/s, half_dim "
+        f"{eff.half_dim:.1f} (rms log error {rms:.2f})")
     eff.attention_factor = fit_attention(peak, eff, overhead)
     log(f"  attention factor {eff.attention_factor:.2f}")
     router_gemm = lambda T: predict_linear(eff, peak, mem_bw, overhead, T, 256, 8)  # noqa: E731
@@ -213,7 +268,11 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     log(f"  optimizer: {opt_cost[0]:.1f} us/tensor, {opt_cost[1]:.2f} ns/parameter")
     link, link_rms = Link(bandwidth_gbps=mem_bw / 1e9, latency_us=50.0), float("nan")
     coll = []
+    concurrency = {}
     if collectives:
+        concurrency = measure_concurrency(rank_counts())
+        log("  concurrent ranks slow each other by: " + ", ".join(
+            f"{w} ranks x{c:.2f} compute, x{m:.2f} memory" for w, (c, m) in concurrency.items()))
         coll = measure_collectives(sizes=(64 * 2**10, 2**20) if quick else (64 * 2**10, 2**20, 8 * 2**20))
         link, link_rms = fit_link(coll)
         log(f"  gloo link: {link.bandwidth_gbps:.2f} GB/s, {link.latency_us:.0f} us per step "
@@ -225,7 +284,7 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         intra_node=link, inter_node=Link(link.bandwidth_gbps, link.latency_us),
         host_link=Link(mem_bw / 1e9, 1.0), matmul=eff, host_memory_bandwidth_gbps=mem_bw / 1e9,
         op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4), cpu_threads=threads,
-        op_costs=ops, optimizer_cost=opt_cost,
+        op_costs=ops, optimizer_cost=opt_cost, concurrency_slowdown=concurrency,
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))

@@ -29,6 +29,8 @@ from simulator.report import (describe, estimate_dict, model_line, pareto_front,
 from simulator.search import LayoutSpace, ModelSpace, require_feasible, search_layouts, search_models
 
 GB = 2**30
+COARSE_SPACE = {"vpp": [1, 2], "cp": [1], "zero1": [True], "optimizer_offload": [False], "micro_batch_size": [1],
+                "recompute": ["selective", "full"], "swap": [False, True], "dispatcher": ["alltoall", "hierarchical"]}
 
 
 def _set(data: dict, items: list[str]) -> dict:
@@ -100,6 +102,9 @@ def cmd_search(args) -> int:
     out = Path(args.out)
     if args.models:
         mspace = from_dict(ModelSpace, extra.get("model_space", {}), "model_space")
+        if "layout_space" not in extra:  # one layout search per model shape: a coarser default space
+            lspace = from_dict(LayoutSpace, {"global_batch_size": r.layout.global_batch_size, "seq_len": r.layout.seq_len,
+                                             **COARSE_SPACE}, "layout_space")
         rows = search_models(r.model, hw, r.num_devices, mspace, lspace, r.options, progress=not args.no_progress)
         cols = ["hidden_size", "num_layers", "num_experts", "top_k", "expert_ffn_size", "num_shared_experts",
                 "total_params_b", "activated_params_b", "best_layout", "step_time_s", "tokens_per_s", "mfu",
@@ -146,7 +151,7 @@ def cmd_validate(args) -> int:
                           only=args.case)
     print()
     print(table(rows, ["case", "world", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
-                       "predicted_s", "measured_s", "clock", "error_pct", "wall_s", "predicted_act_mb",
+                       "ep_imbalance", "predicted_s", "measured_s", "error_pct", "busy_median_s", "wall_s", "predicted_act_mb",
                        "measured_act_mb", "act_error_pct", "note"]))
     s = summarize(rows)
     print(f"\n{s['measured']} of {s['cases']} cases measured: median |error| {s['median_abs_error_pct']:.1f}%, "

@@ -29,7 +29,7 @@ class Comm:
     spans_nodes: bool
 
     def time(self, hw: HardwareProfile) -> float:
-        if self.intra_bytes == 0 and self.inter_bytes == 0:
+        if self.steps == 0:
             return 0.0
         lat = hw.inter_node.lat if self.spans_nodes else hw.intra_node.lat
         return max(self.intra_bytes / hw.intra_node.bw, self.inter_bytes / hw.inter_node.bw) + self.steps * lat
@@ -96,31 +96,55 @@ def p2p(nbytes: float, crosses_nodes: bool) -> Comm:
 # Expert-parallel token exchange
 
 
+def node_need(num_experts: int, top_k: int, nodes: int) -> float:
+    """Expected number of *other* nodes a token's top-k experts touch, for uniform routing over
+    experts split evenly across `nodes` nodes: (nodes - 1) * P(a given node holds one of them)."""
+    if nodes <= 1:
+        return 0.0
+    per = num_experts // nodes
+    p_none = math.comb(num_experts - per, top_k) / math.comb(num_experts, top_k)
+    return (nodes - 1) * (1 - p_none)
+
+
 def ep_dispatch(dispatcher: str, tokens: float, top_k: int, token_bytes: float, ep: int, stride: int,
-                dpn: int, imbalance: float = 1.0) -> list[Comm]:
+                dpn: int, imbalance: float = 1.0, num_experts: int = 0) -> list[Comm]:
     """Communication of one dispatch (forward) for `tokens` tokens on this device.
 
     `token_bytes` is one hidden vector. Routing metadata (top-k ids and weights, 8 bytes per choice)
-    travels with each token where the receiver routes locally (all-gather based schemes). The slowest
-    rank sets the pace, so receive-side volume is scaled by `imbalance` (max / mean expert-rank load).
-    A combine moves the same volume back (reduce-scatter in place of all-gather).
+    travels with each token where the receiver routes locally (all-gather based schemes). Exchanges
+    with split sizes first swap per-expert counts (a latency-bound step). The slowest rank sets the
+    pace, so receive-side volume is scaled by `imbalance` (max / mean expert-rank load). A combine
+    moves the same volume back (reduce-scatter in place of all-gather).
+    Hierarchical: each token crosses to every other node holding one of its experts once (with
+    its routing), then an all-to-all inside the node; with `num_experts` unknown (0) every other
+    node is assumed needed, i.e. a plain all-gather across nodes.
     """
     if ep <= 1 or dispatcher == "local":
         return []
     meta = 8 * top_k
     if dispatcher == "allgather":
-        return [all_gather(ep * tokens * (token_bytes + meta), ep, stride, dpn)]
+        return [_counts(ep, stride, dpn), all_gather(ep * tokens * (token_bytes + meta), ep, stride, dpn)]
     per_node, nodes = group_span(ep, stride, dpn)
     copies = tokens * top_k * token_bytes
     if dispatcher == "alltoall" or nodes == 1:
-        return [all_to_all(copies, ep, stride, dpn).scaled(imbalance)]
+        return [_counts(ep, stride, dpn), all_to_all(copies, ep, stride, dpn).scaled(imbalance)]
     if dispatcher != "hierarchical":
         raise ValueError(f"unknown dispatcher {dispatcher!r}")
-    # Inter-node all-gather among same-local-rank peers (one per node, stride = ranks per node of
-    # the group); each token crosses to every other node once, then an intra-node all-to-all.
-    inter = all_gather(nodes * tokens * (token_bytes + meta), nodes, stride * per_node, dpn)
-    intra = all_to_all(copies, per_node, stride, dpn).scaled(imbalance)
-    return [inter, intra]
+    need = node_need(num_experts, top_k, nodes) if num_experts else nodes - 1
+    # sent (tokens * need) vectors; as an all-to-all over the nodes that is `need/(nodes-1)` of an
+    # all-gather's volume. Group members: the same local rank on each node.
+    inter_stride = stride * per_node
+    inter = all_to_all(tokens * (token_bytes + meta) * need * nodes / (nodes - 1), nodes, inter_stride, dpn)
+    out = [_counts(nodes, inter_stride, dpn), inter]
+    if per_node > 1:
+        out += [_counts(per_node, stride, dpn), all_to_all(copies, per_node, stride, dpn).scaled(imbalance)]
+    return out
+
+
+def _counts(size: int, stride: int, dpn: int) -> Comm:
+    """The per-expert count exchange before an exchange with split sizes: latency only."""
+    _, nodes = group_span(size, stride, dpn)
+    return Comm("counts", 0.0, 0.0, 1, nodes > 1)
 
 
 def comm_time(comms: list[Comm], hw: HardwareProfile) -> float:

@@ -60,7 +60,7 @@ class ComputeModel:
         self.peak = hw.peak_flops(dtype)
         self.mem_bw = hw.memory_bandwidth_gbps * 1e9
         self.overhead = hw.op_overhead_us * 1e-6
-        self.fused = hw.device != "cpu"
+        self.fused = hw.fused
         self.grouped_per_expert = grouped_gemm_per_expert
 
     # -- primitives -----------------------------------------------------------------------------
@@ -151,8 +151,10 @@ class ComputeModel:
         ops.append(self.eltwise("mlp_residual", "residual", T / tp * D))
         return ops
 
-    def moe_ffn(self, T: float, tp: int, ep: int, etp: int, imbalance: float) -> list[Op]:
-        """Router, permutation, grouped expert GEMMs on the slowest rank, shared expert."""
+    def moe_ffn(self, T: float, tp: int, ep: int, etp: int, imbalance: float, dispatcher: str = "local",
+                nodes: int = 1) -> list[Op]:
+        """Router, the dispatcher's local permutations, grouped expert GEMMs on the slowest rank,
+        shared expert. `nodes`: nodes the EP group spans (hierarchical dispatch)."""
         cfg, D = self.model, self.model.hidden_size
         t_sp = T / tp  # tokens entering the MoE block on this device
         e_local = cfg.num_experts // ep
@@ -160,20 +162,46 @@ class ComputeModel:
         m_e = rows / e_local
         f = cfg.expert_ffn_size / etp
         kern = e_local if self.grouped_per_expert else 1
+        copies = t_sp * cfg.top_k * D
         ops = [self.eltwise("moe_norm", "norm", t_sp * D, selective=True),
                self.gemm("router", t_sp, D, cfg.num_experts),
-               self.eltwise("routing", "router", t_sp * cfg.num_experts, elem_bytes=4),
-               self.eltwise("permute", "permute", t_sp * cfg.top_k * D, selective=True),
-               self.gemm("experts_w1", m_e, D, f, count=e_local, kernels=kern),
-               self.gemm("experts_w3", m_e, D, f, count=e_local, kernels=kern),
-               self.eltwise("experts_act", "swiglu_act", rows * f, selective=True),
-               self.gemm("experts_w2", m_e, f, D, count=e_local, kernels=kern),
-               self.eltwise("unpermute", "unpermute", t_sp * cfg.top_k * D, selective=True)]
+               self.eltwise("routing", "router", t_sp * cfg.num_experts, elem_bytes=4)]
+        ops += self._dispatch_ops(dispatcher, ep, nodes, t_sp, copies, rows * D)
+        ops += [self.gemm("experts_w1", m_e, D, f, count=e_local, kernels=kern),
+                self.gemm("experts_w3", m_e, D, f, count=e_local, kernels=kern),
+                self.eltwise("experts_act", "swiglu_act", rows * f, selective=True),
+                self.gemm("experts_w2", m_e, f, D, count=e_local, kernels=kern)]
         if cfg.num_shared_experts:
             ops += self.mlp("shared", T, cfg.num_shared_experts * cfg.expert_ffn_size, tp)
         if cfg.norm == "sandwich":
             ops.append(self.eltwise("moe_post_norm", "norm", t_sp * D, selective=True))
         ops.append(self.eltwise("moe_residual", "residual", t_sp * D))
+        return ops
+
+    def _dispatch_ops(self, dispatcher: str, ep: int, nodes: int, t_sp: float, copies: float,
+                      row_elems: float) -> list[Op]:
+        """The dispatcher's local work around its exchanges (as parallel/dispatchers.py does it):
+        - local / all-to-all: permute by expert before, weighted unpermute after; with EP the
+          receiver also regroups (source, expert) chunks by expert, and undoes that before combine;
+        - all-gather: permute the gathered tokens' local copies; unpermute into a partial sum of
+          every gathered token (ep x tokens), which the reduce-scatter returns;
+        - hierarchical: all-to-all's work plus selecting each token's copy per needed node and
+          summing the per-node partial outputs back."""
+        if ep <= 1 or dispatcher == "local":
+            return [self.eltwise("permute", "permute", copies, selective=True),
+                    self.eltwise("unpermute", "unpermute", copies, selective=True)]
+        if dispatcher == "allgather":
+            return [self.eltwise("permute", "permute", row_elems, selective=True),
+                    self.eltwise("unpermute", "unpermute", row_elems + ep * t_sp * self.model.hidden_size,
+                                 selective=True)]
+        ops = [self.eltwise("permute", "permute", copies, selective=True),
+               self.eltwise("regroup", "permute", row_elems, selective=True),
+               self.eltwise("ungroup", "permute", row_elems, selective=True),
+               self.eltwise("unpermute", "unpermute", copies, selective=True)]
+        if dispatcher == "hierarchical" and nodes > 1:
+            per_node = t_sp * self.model.hidden_size * nodes  # upper bound: a copy for every node
+            ops += [self.eltwise("node_select", "permute", per_node, selective=True),
+                    self.eltwise("node_sum", "residual", per_node)]
         return ops
 
     def embedding(self, T: float, tp: int) -> list[Op]:

@@ -1,104 +1,33 @@
-"""The cost model of one training step: compute, exposed communication, pipeline bubble, memory.
+"""The cost model of one training step: per-layer costs (`layer_cost.py`) assembled into pipeline
+stages, the schedule, data-parallel communication, the optimizer step and memory per device.
 
-`Simulator(model, hw, num_devices, options).estimate(layout)` is the whole model for one layout;
-`.quick(layout)` is the same arithmetic without the event-level timeline, which the search uses
-(layer costs are cached by the few layout fields they depend on, so a layout costs microseconds).
+`Simulator(model, hw, num_devices, options).estimate(layout)` is the whole model for one layout,
+with the event-level pipeline timeline; `.quick(layout)` is the same arithmetic with the closed-form
+schedule, which the search uses (costs are cached by the few layout fields they depend on, so a
+layout costs tens of microseconds).
 
-Per micro-batch and layer: operator compute times (`compute.py`), plus communication with its
-overlap rules:
-- TP (sequence-parallel all-gather / reduce-scatter around attention, dense MLP and shared expert):
-  exposed, less the `tp_comm_overlap` fraction.
-- EP token exchange (dispatch + combine forward, the same backward, again under full recompute):
-  the dispatch overlaps the shared expert's forward and the combine's gradient its backward
-  (`overlap_shared_expert`); with `fb_overlap` (forward/backward overlap across micro-batches) the
-  steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
-  and cool-down. The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
-- CP (ring exchange of K and V) hides behind core attention.
-- PP hand-offs delay the dependent stage (timeline); DP gradient reduce-scatter hides behind the
-  last micro-batch's backward and the parameter all-gather behind the first forward.
-- Activation swapping hides behind the layer's compute.
-Then the optimizer step (on the device, or on the host with offload).
+After the pipeline: the DP gradient reduce-scatter hides behind the last micro-batch's backward and
+the parameter all-gather behind the next step's first forward; then the optimizer step (on the
+device, or on the host with offload). PP hand-offs delay the dependent stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional
+from typing import Optional
 
 from moe import accounting as acc
-from moe.config import ConfigError, ModelConfig
+from moe.config import ModelConfig
 from simulator import comm as C
 from simulator import memory as M
-from simulator.compute import ComputeModel, Op
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.layer_cost import LayerCosts, PartCost, SimOptions
 from simulator.layout import Derived, Layout, derive
 from simulator.schedule import Timeline, in_flight_per_chunk, num_warmup, simulate
 
 GB = 2**30
 KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
 
-
-@dataclass
-class SimOptions:
-    """Modelling assumptions that are not part of the parallel layout."""
-
-    dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
-    expert_imbalance: float = 1.0  # max / mean tokens of an expert-parallel rank
-    overlap_shared_expert: bool = True
-    fb_overlap: bool = False  # forward/backward overlap across micro-batches (steady 1F1B)
-    tp_comm_overlap: float = 0.0  # fraction of TP collectives hidden behind GEMMs
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = True
-    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    pad_layers: bool = True  # add no-op layers so pp * vpp stages split the depth evenly
-    swap_window: int = 2  # layers whose swapped activations stay on the device (prefetch)
-    grouped_gemm_per_expert: bool = False  # the expert GEMMs run as a loop of per-expert kernels
-    include_mtp_flops: bool = True  # MFU numerator counts the MTP modules (as the trainer does)
-
-    def validate(self, path: str = "") -> None:
-        p = f"{path}." if path else ""
-        if self.expert_imbalance < 1:
-            raise ConfigError(f"{p}expert_imbalance: is max/mean load, so >= 1; got {self.expert_imbalance}")
-        if not 0 <= self.tp_comm_overlap <= 1:
-            raise ConfigError(f"{p}tp_comm_overlap: a fraction in [0, 1], got {self.tp_comm_overlap}")
-        if self.swap_window < 1:
-            raise ConfigError(f"{p}swap_window: must be >= 1, got {self.swap_window}")
-
-
-@dataclass
-class PartCost:
-    """One layer (or embedding/head part) for one micro-batch on one device, seconds and bytes."""
-
-    f: float = 0.0  # forward compute
-    b: float = 0.0  # backward compute, recompute included
-    rc: float = 0.0  # the recompute share of b
-    tp: float = 0.0  # exposed TP comm, forward (backward is the same)
-    ep_f: float = 0.0  # exposed EP exchange without fb overlap
-    ep_b: float = 0.0
-    ep_f_st: float = 0.0  # exposed EP exchange in the steady phase under fb overlap
-    ep_b_st: float = 0.0
-    cp: float = 0.0  # exposed CP exchange, forward (backward is twice)
-    swap: float = 0.0  # exposed swap time, forward (backward the same)
-    act: float = 0.0  # saved activation bytes kept on the device
-    act_full: float = 0.0  # activation bytes with no recompute (working set while recomputing)
-    swapped: float = 0.0  # bytes swapped to host
-    ops: list = field(default_factory=list)
-
-    def add(self, o: "PartCost", n: float = 1.0) -> None:
-        for name in ("f", "b", "rc", "tp", "ep_f", "ep_b", "ep_f_st", "ep_b_st", "cp", "swap", "act",
-                     "act_full", "swapped"):
-            setattr(self, name, getattr(self, name) + n * getattr(o, name))
-
-    def exposed(self, kind: str, steady: bool) -> float:
-        """Exposed communication inside a forward ('F') or backward ('B') op."""
-        if kind == "F":
-            return self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
-        return self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
-
-    def fwd(self, steady: bool) -> float:
-        return self.f + self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
-
-    def bwd(self, steady: bool) -> float:
-        return self.b + self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
+__all__ = ["Estimate", "SimOptions", "Simulator", "noop_placement"]
 
 
 @dataclass
@@ -131,108 +60,12 @@ class Simulator:
         self.opt = options or SimOptions()
         self.opt.validate("options")
         self.b = DTYPE_BYTES[self.opt.dtype]
-        self.cm = ComputeModel(model, hw, self.opt.dtype, self.opt.grouped_gemm_per_expert)
+        self.layer_cost = LayerCosts(model, hw, self.opt)
+        self.cm = self.layer_cost.cm
         self.peak = hw.peak_flops(self.opt.dtype)
         self._cache: dict = {}
         self.pc = acc.param_counts(model)
         self._tensors = self._tensors_per_kind()
-
-    # ------------------------------------------------------------------------------------------
-    # per-layer costs
-
-    def _ops_cost(self, ops: list[Op], recompute: str) -> PartCost:
-        f = sum(o.fwd for o in ops)
-        b = sum(o.bwd for o in ops)
-        rc = f if recompute == "full" else sum(o.fwd for o in ops if o.selective) if recompute == "selective" else 0.0
-        return PartCost(f=f, b=b + rc, rc=rc, ops=ops)
-
-    def _tp_time(self, nbytes: float, tp: int, dpn: int, n: int) -> float:
-        """Exposed time of n (all-gather + reduce-scatter) pairs over the TP group."""
-        if tp == 1:
-            return 0.0
-        t = C.all_gather(nbytes, tp, 1, dpn).time(self.hw) + C.reduce_scatter(nbytes, tp, 1, dpn).time(self.hw)
-        return n * t * (1 - self.opt.tp_comm_overlap)
-
-    def layer_cost(self, kind: str, lay: Layout, d: Derived) -> PartCost:
-        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-               lay.dispatcher, d.devices_per_node)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = self._layer_cost(kind, lay, d)
-        return hit
-
-    def _layer_cost(self, kind: str, lay: Layout, d: Derived) -> PartCost:
-        cfg, cm, hw, o = self.model, self.cm, self.hw, self.opt
-        tp, cp, dpn = lay.tp, lay.cp, d.devices_per_node
-        T = lay.micro_batch_size * lay.seq_len / cp
-        hidden_bytes = T * cfg.hidden_size * self.b  # one gathered activation of the micro-batch
-        if kind == "noop":
-            return PartCost()
-        if kind == "embed":
-            # its output is the first layer's input, already counted there; the lookup keeps ids only
-            pcost = self._ops_cost(cm.embedding(T, tp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
-            return pcost
-        if kind == "head":
-            pcost = self._ops_cost(cm.head(T, tp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
-            pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b)
-            return pcost
-
-        mtp = kind == "mtp"
-        moe = kind in ("moe", "mtp")
-        attn_ops = cm.attention(T, lay.seq_len, tp)
-        ffn_ops = cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance) if moe else cm.dense_ffn(T, tp)
-        extra = cm.mtp_extra(T, tp) if mtp else []
-        pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
-        n_tp = 2 if not moe or cfg.num_shared_experts else 1
-        pcost.tp = self._tp_time(hidden_bytes, tp, dpn, n_tp + (1 if mtp else 0))
-        if cp > 1:
-            kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
-                                           else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
-            t_cp = C.all_gather(cp * kv, cp, tp, dpn).time(hw)
-            core = next(op.fwd for op in attn_ops if op.name == "core_attention")
-            pcost.cp = max(0.0, t_cp - core)
-        if moe and d.ep * d.etp > 1:
-            self._ep_costs(pcost, ffn_ops, T / tp, lay, d)
-        # activations
-        saved = M.layer_saved(cfg, "moe" if moe else "dense", tp, d.etp, o.expert_imbalance)
-        kept, swapped = M.saved_bytes_per_token(saved, self.b, lay.recompute, lay.swap)
-        full, _ = M.saved_bytes_per_token(saved, self.b, "none")
-        pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
-        if mtp:  # its norms and projection input, and another pass through the head
-            pcost.act += T * (3 * cfg.hidden_size / tp * self.b + M.head_saved_bytes_per_token(cfg, tp, self.b))
-        if lay.swap and swapped:
-            t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat
-            pcost.swap = max(0.0, t_swap - pcost.f)
-        return pcost
-
-    def _ep_costs(self, pcost: PartCost, ffn_ops: list[Op], tokens: float, lay: Layout, d: Derived) -> None:
-        cfg, hw, o = self.model, self.hw, self.opt
-        dpn = d.devices_per_node
-        comms = C.ep_dispatch(lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
-                              o.expert_imbalance)
-        if d.etp > 1:  # expert tensor parallelism gathers the received rows over its group
-            rows = tokens * cfg.top_k * o.expert_imbalance
-            comms.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
-        t = C.comm_time(comms, hw)  # dispatch; the combine moves the same volume back
-        shared_f = sum(op.fwd for op in ffn_ops if op.name.startswith("shared"))
-        shared_b = sum(op.bwd for op in ffn_ops if op.name.startswith("shared"))
-        if o.overlap_shared_expert:
-            exp_f = max(0.0, t - shared_f) + t
-            exp_b = max(0.0, t - shared_b) + t
-        else:
-            exp_f = exp_b = 2 * t
-        if lay.recompute == "full":
-            exp_b += exp_f
-        pcost.ep_f, pcost.ep_b = exp_f, exp_b
-        if o.fb_overlap:
-            # steady phase: this micro-batch's exchange hides behind the paired op's compute
-            pcost.ep_f_st = max(0.0, exp_f - pcost.b)
-            pcost.ep_b_st = max(0.0, exp_b - pcost.f)
-            pcost.ep_f, pcost.ep_b = 0.5 * exp_f, 0.5 * exp_b
-        else:
-            pcost.ep_f_st, pcost.ep_b_st = exp_f, exp_b
 
     # ------------------------------------------------------------------------------------------
     # stages
@@ -600,7 +433,3 @@ def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:
         if not noop:
             break
     return out
-
-
-def with_layout(lay: Layout, **changes) -> Layout:
-    return replace(lay, **changes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from moe.config import ConfigError, from_dict, load_yaml
 
@@ -83,10 +84,16 @@ class HardwareProfile:
     op_overhead_us: float = 10.0  # fixed cost per launched operator (dispatch/launch latency)
     reserved_memory_gb: float = 2.0  # runtime, communication buffers, fragmentation
     cpu_threads: int = 0  # CPU profiles: torch threads the measurements used (0: not a CPU profile)
+    # Fused kernels (flash attention, fused norms and activations); None: yes unless device is cpu,
+    # whose reference path runs them as several small ops that launch and save more.
+    fused_kernels: Optional[bool] = None
     # Calibrated element-wise operator costs, forward + backward: kind -> [fixed us, ns per element].
     # Kinds listed here replace the bytes-and-launches rule of `compute.py` for that kind.
     op_costs: dict[str, list[float]] = field(default_factory=dict)
     optimizer_cost: list[float] = field(default_factory=list)  # [us per tensor, ns per parameter]
+    # CPU profiles: how much slower one rank runs while N ranks share the machine:
+    # N -> [compute factor, memory-bound factor]
+    concurrency_slowdown: dict[int, list[float]] = field(default_factory=dict)
     notes: str = ""
 
     def validate(self, path: str = "") -> None:
@@ -115,6 +122,10 @@ class HardwareProfile:
         if self.reserved_memory_gb >= self.memory_gb:
             raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
                               f"memory_gb={self.memory_gb}")
+
+    @property
+    def fused(self) -> bool:
+        return self.device != "cpu" if self.fused_kernels is None else self.fused_kernels
 
     def peak_flops(self, dtype: str) -> float:
         if dtype not in self.peak_tflops:

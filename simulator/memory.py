@@ -79,9 +79,29 @@ def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float) -> list[Sav
     return out
 
 
-def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int) -> float:
-    """Final norm input and output, and the fp32 log-probabilities the cross-entropy keeps."""
-    return 2 * cfg.hidden_size / tp * act_bytes + 4 * cfg.vocab_size / tp
+def unfused_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, seq_len: int) -> list[Saved]:
+    """What an unfused implementation (the CPU reference path) keeps on top of `layer_saved`: each
+    RMSNorm its normalised input before the gain, each SwiGLU the SiLU output, and attention without
+    a flash kernel the causal softmax probabilities (heads x sequence per token)."""
+    D = cfg.hidden_size
+    norms = [D / tp] * (4 if cfg.norm == "sandwich" else 2)
+    if cfg.attention == "mla":
+        norms += [cfg.kv_lora_rank] + ([cfg.q_lora_rank] if cfg.q_lora_rank else [])
+    out: list[Saved] = [(f"norm{i}_unscaled", n, None, True, False) for i, n in enumerate(norms)]
+    out.append(("attn_probs", cfg.num_heads / tp * seq_len, None, False, False))
+    if kind == "dense":
+        out.append(("mlp_silu", cfg.dense_ffn_size / tp, None, True, False))
+    else:
+        out.append(("experts_silu", cfg.top_k * etp * imbalance / tp * cfg.expert_ffn_size / etp, None, True, True))
+        if cfg.num_shared_experts:
+            out.append(("shared_silu", cfg.num_shared_experts * cfg.expert_ffn_size / tp, None, True, False))
+    return out
+
+
+def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int, fused: bool = True) -> float:
+    """Final norm input and output (and, unfused, its unscaled copy), and the fp32 log-probabilities
+    the cross-entropy keeps."""
+    return (2 if fused else 3) * cfg.hidden_size / tp * act_bytes + 4 * cfg.vocab_size / tp
 
 
 def saved_bytes_per_token(saved: list[Saved], act_bytes: int, policy: str, swap: bool = False) -> tuple[float, float]:

@@ -8,14 +8,15 @@ sizes and fits time = fixed + per_element * elements, where "elements" means wha
 passes for that kind. The GEMMs run through `F.linear` (as `nn.Linear` does) so their fit includes
 the data- and weight-gradient GEMMs, and core attention through causal `scaled_dot_product_attention`.
 
-Timing: each measurement is the mean per call over a batch of calls lasting at least `min_s`, the
-median of three batches. With one torch thread the clock is this thread's CPU time: on a shared
-machine, time slices lost to other processes then do not count, and `validate` measures training
-steps the same way, so both describe a dedicated device.
+Timing: each measurement is the mean per call over a batch of calls lasting at least `min_s` (about
+a training step's length, so a batch is as exposed to other jobs as a step is), the fastest of
+three batches. With one torch thread the clock is this thread's CPU time. On a shared
+machine other jobs only ever add time (lost time slices, a busy sibling hyperthread, evicted
+caches), so the fastest observation is the repeatable one; `validate` takes the fastest training
+step likewise, and both describe a device of one's own.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -28,7 +29,7 @@ def clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def timed(fn: Callable[[], object], min_s: float = 0.03, batches: int = 3) -> float:
+def timed(fn: Callable[[], object], min_s: float = 0.1, batches: int = 3) -> float:
     now = clock()
     fn()
     means = []
@@ -41,7 +42,7 @@ def timed(fn: Callable[[], object], min_s: float = 0.03, batches: int = 3) -> fl
             if el >= min_s:
                 break
         means.append(el / n)
-    return statistics.median(means)
+    return min(means)
 
 
 def _fwd_bwd(make: Callable[[], torch.Tensor]) -> Callable[[], None]:

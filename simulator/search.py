@@ -34,7 +34,7 @@ class LayoutSpace:
     vpp: list[int] = field(default_factory=lambda: [1, 2, 4])
     ep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     tp_extend_ep: list[bool] = field(default_factory=lambda: [False, True])
-    cp: list[int] = field(default_factory=lambda: [1])
+    cp: list[int] = field(default_factory=lambda: [1, 2])
     zero1: list[bool] = field(default_factory=lambda: [True, False])
     micro_batch_size: list[int] = field(default_factory=lambda: [1, 2, 4])
     recompute: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
@@ -163,13 +163,14 @@ def require_feasible(result: SearchResult, what: str) -> None:
 class ModelSpace:
     hidden_size: list[int] = field(default_factory=lambda: [6144, 7168, 7680, 8192])
     num_layers: list[int] = field(default_factory=lambda: [54, 61, 64])
-    num_experts: list[int] = field(default_factory=lambda: [128, 256])
+    num_experts: list[int] = field(default_factory=lambda: [128, 256, 320])
     top_k: list[int] = field(default_factory=lambda: [8])
-    expert_ffn_size: list[int] = field(default_factory=lambda: [1536, 2048])
+    expert_ffn_size: list[int] = field(default_factory=lambda: [1536, 2048, 2560])
     num_shared_experts: list[int] = field(default_factory=lambda: [1])
-    total_params_min: float = 0.0
-    total_params_max: float = 750e9
-    activated_params_min: float = 0.0
+    # defaults: the neighbourhood of Pangu Ultra MoE (718B / 39B), where shapes compete on equal terms
+    total_params_min: float = 600e9
+    total_params_max: float = 800e9
+    activated_params_min: float = 35e9
     activated_params_max: float = 42e9
 
     def validate(self, path: str = "") -> None:

@@ -1,20 +1,21 @@
 """Validation: run the real trainer on this machine under several layouts and compare the measured
 step time and activation memory with the simulator's predictions from a calibrated CPU profile.
 
-Each case becomes a training recipe, run in its own process with the profile's torch thread count:
-one process runs the trainer's own build and step functions (`validate_worker.py`); several run
-`python -m launch.train` under torchrun. The measured step time is the median over the steps after
-the warm-up ones. For one process it is the step's CPU time: this machine is shared, other jobs'
-time slices are not the trainer's cost, and the calibration's microbenchmarks use the same clock,
-so prediction and measurement both describe a dedicated device (the wall time is reported beside
-it). Several processes wait on one another, so there the wall clock is the only honest measure. Activation memory is measured in
-this process for single-process cases: the bytes of the distinct storages autograd saves during one
-forward of the same model on one micro-batch (saved-tensor hooks), against the simulator's
-activations plus the logits the loss keeps.
+Each case becomes a training recipe, run in fresh processes with the profile's torch thread count
+by `validate_worker.py`, which sets up the model, optimizer, data and (under torchrun) the parallel
+runtime exactly as `launch.train.run` does and calls its `train_step`. This machine is
+shared, and other jobs' time slices are not the trainer's cost: a step's *busy time* is its wall
+time less the time its ranks sat on a run queue while other processes held the cores (see
+`dedicated_step_time`). The measured step time is the fastest post-warm-up step's busy time:
+other jobs only ever add time, and the calibration's microbenchmarks take their fastest
+observation too, so prediction and measurement both describe cores of one's own. The median busy
+time and the median wall time are reported beside it.
 
-More processes than cores share them: each rank then gets cores / (ranks * threads) of the machine,
-so the profile's compute and memory rates are scaled by that share (a physical correction, not a
-fitted one).
+Ranks of one case share this machine's cores, caches and memory bandwidth, unlike the devices of a
+cluster; the calibration measures how much concurrent ranks slow one another (linear layers and a
+memory-bound add run in N processes at once versus alone) and the profile's compute and bandwidth
+rates are divided by those factors for an N-rank case. They are properties of the machine, measured
+before and independently of the runs.
 """
 from __future__ import annotations
 
@@ -80,28 +81,34 @@ def case_layout(c: Case) -> Layout:
 
 
 def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
-    """The profile as one rank of this case sees it: cores shared when ranks outnumber them."""
-    cores = os.cpu_count() or 1
-    share = min(1.0, cores / (c.world * max(1, hw.cpu_threads)))
-    if share >= 1.0:
+    """The profile as one rank of this case sees it: ranks running at once on one machine slow one
+    another (the calibrated `concurrency_slowdown`): compute rates and fixed costs scale by its
+    compute factor, bandwidth-bound costs by its memory factor (a factor below 1 is noise: clamped)."""
+    if c.world == 1:
         return hw
-    return replace(hw, peak_tflops={k: v * share for k, v in hw.peak_tflops.items()},
-                   memory_bandwidth_gbps=hw.memory_bandwidth_gbps * share,
-                   op_overhead_us=hw.op_overhead_us / share)
+    if c.world not in hw.concurrency_slowdown:
+        raise ConfigError(f"hardware.concurrency_slowdown: profile {hw.name!r} has no factor for {c.world} "
+                          f"concurrent ranks (case {c.name}); re-run `python -m simulator calibrate`")
+    fc, fm = (max(1.0, x) for x in hw.concurrency_slowdown[c.world])
+    return replace(hw, peak_tflops={k: v / fc for k, v in hw.peak_tflops.items()},
+                   memory_bandwidth_gbps=hw.memory_bandwidth_gbps / fm, op_overhead_us=hw.op_overhead_us * fc,
+                   op_costs={k: [a * fc, b * fm] for k, (a, b) in hw.op_costs.items()},
+                   optimizer_cost=[hw.optimizer_cost[0] * fc, hw.optimizer_cost[1] * fm] if hw.optimizer_cost else [])
 
 
-def sim_options() -> SimOptions:
+def sim_options(imbalance: float = 1.0) -> SimOptions:
     """The modelling options that describe this trainer: fp32 on CPU, the fast kernels' single
     grouped GEMM when torch provides one, the shared expert overlapped with the dispatch, and the
     gradient all-reduce after the backward pass."""
     import torch
     from kernels.fast import grouped_mm_works
     return SimOptions(dtype="fp32", grouped_gemm_per_expert=not grouped_mm_works("cpu", torch.float32),
-                      overlap_grad_reduce=False, overlap_param_gather=False, pad_layers=False)
+                      overlap_grad_reduce=False, overlap_param_gather=False, pad_layers=False,
+                      expert_imbalance=max(1.0, imbalance))
 
 
-def predict(model: ModelConfig, hw: HardwareProfile, c: Case) -> dict:
-    sim = Simulator(model, case_profile(hw, c), c.world, sim_options())
+def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float = 1.0) -> dict:
+    sim = Simulator(model, case_profile(hw, c), c.world, sim_options(imbalance))
     est = sim.estimate(case_layout(c))
     T = c.micro_batch_size * c.seq_len
     saved = est.memory["activations"]
@@ -123,46 +130,45 @@ def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
 
 def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, workdir: Path,
             timeout_s: float = 600.0) -> dict:
-    """Run the trainer for one case; return median step times after warm-up (or an error).
-
-    One process: `validate_worker` runs the trainer's build and step functions and times each step
-    by wall clock and by CPU time; CPU time is the figure compared (see the module docstring).
-    Several processes: `python -m launch.train` under torchrun, wall-clock step times from its
-    metrics.jsonl (waiting on a peer must count, so CPU time would not do)."""
+    """Run the trainer for one case (`validate_worker`, under torchrun for several ranks); return the
+    fastest post-warm-up step's busy time (of its slowest rank), with the median busy and wall times."""
     out_dir = workdir / c.name
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     recipe_path = out_dir / "recipe.in.yaml"
     recipe_path.write_text(yaml.safe_dump(_recipe(model, c, steps, out_dir), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    result = out_dir / "steps.json"
+    prefix = out_dir / "steps"
+    worker = ["-m", "simulator.validate_worker", str(recipe_path), str(steps), str(prefix)]
     if c.world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={c.world}",
-               "-m", "launch.train", "--recipe", str(recipe_path), "--no-progress"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={c.world}", *worker]
     else:
-        cmd = [sys.executable, "-m", "simulator.validate_worker", str(recipe_path), str(steps), str(result)]
+        cmd = [sys.executable, *worker]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0:
         lines = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()] or ["no output"]
-        return {"error": f"trainer exited {proc.returncode}: {lines[-1][:160]}"}
-    if c.world > 1:
-        metrics = out_dir / "metrics.jsonl"
-        if not metrics.is_file():
-            return {"error": "the trainer wrote no metrics.jsonl"}
-        wall = [json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines() if line.strip()]
-        cpu = None
-    else:
-        rows = json.loads(result.read_text())["steps"]
-        wall, cpu = [r["wall_s"] for r in rows], [r["cpu_s"] for r in rows]
-    if len(wall) <= warmup:
-        return {"error": f"only {len(wall)} steps logged"}
-    wall_med = statistics.median(wall[warmup:])
-    cpu_med = statistics.median(cpu[warmup:]) if cpu else None
-    return {"step_time_s": cpu_med if cpu_med is not None else wall_med, "wall_s": wall_med,
-            "clock": "cpu" if cpu_med is not None else "wall", "steps": len(wall) - warmup}
+        errs = [x for x in lines if "Error" in x] or lines
+        return {"error": f"trainer exited {proc.returncode}: {errs[-1][:160]}"}
+    ranks = [json.loads(p.read_text())["steps"] for p in sorted(out_dir.glob("steps.rank*.json"))]
+    if len(ranks) != c.world or any(len(r) <= warmup for r in ranks):
+        return {"error": f"expected {c.world} ranks with more than {warmup} steps"}
+    imbalance = statistics.median(r[i].get("ep_imbalance", 1.0) for r in ranks for i in range(warmup, steps))
+    busy = [dedicated_step_time([r[i] for r in ranks]) for i in range(warmup, steps)]
+    wall = [max(r[i]["wall_s"] for r in ranks) for i in range(warmup, steps)]
+    return {"step_time_s": min(busy), "busy_median_s": statistics.median(busy), "wall_s": statistics.median(wall),
+            "steps": steps - warmup, "ep_imbalance": imbalance}
+
+
+def dedicated_step_time(ranks: list[dict]) -> float:
+    """One step's time on cores of its own: the wall time less every rank's run-queue delay. Ranks
+    synchronise many times a step, so while one sits preempted the others soon wait for it: each
+    rank's lost time slices stretch the step once (exactly so when they do not overlap; when they
+    do, this subtracts too much, so it is floored at the busiest rank's CPU time)."""
+    wall = max(x["wall_s"] for x in ranks)
+    return max(max(x["cpu_s"] for x in ranks), wall - sum(x["run_delay_s"] for x in ranks))
 
 
 def measure_activations(model: ModelConfig, c: Case) -> Optional[int]:
@@ -204,15 +210,18 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
     for c in cfg.cases:
         if only and c.name not in only:
             continue
-        pred = predict(cfg.model, hw, c)
         meas = measure(cfg.model, c, cfg.steps, cfg.warmup_steps, threads, workdir)
+        # The routing's load imbalance is an input of the cost model, not something it predicts:
+        # use the one the run produced (1.0 without expert parallelism).
+        imb = meas.get("ep_imbalance", 1.0)
+        pred = predict(cfg.model, hw, c, imbalance=imb)
         row = {"case": c.name, "world": c.world, "ep": c.ep, "dispatcher": c.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
-               "predicted_s": pred["step_time_s"]}
+               "ep_imbalance": imb, "predicted_s": pred["step_time_s"]}
         if "error" in meas:
-            row.update(measured_s=None, clock="-", wall_s=None, error_pct=None, note=meas["error"])
+            row.update(measured_s=None, busy_median_s=None, wall_s=None, error_pct=None, note=meas["error"])
         else:
-            row.update(measured_s=meas["step_time_s"], clock=meas["clock"], wall_s=meas["wall_s"],
+            row.update(measured_s=meas["step_time_s"], busy_median_s=meas["busy_median_s"], wall_s=meas["wall_s"],
                        error_pct=100 * (pred["step_time_s"] - meas["step_time_s"]) / meas["step_time_s"], note="")
         act = measure_activations(cfg.model, c)
         row["predicted_act_mb"] = pred["activation_bytes"] / 2**20

@@ -1,7 +1,12 @@
-"""One validation case in its own process: the trainer's own build and step functions
-(`launch.train`), timed per step by wall clock and by this thread's CPU time.
+"""One validation case in its own process (or one rank of it, under torchrun): the trainer's own
+set-up and step functions, as `launch.train.run` calls them, timed per step.
 
-Usage: python -m simulator.validate_worker RECIPE.yaml STEPS OUT.json
+Per step it records wall time, this thread's CPU time, and this thread's run-queue delay (time it
+was ready to run but another process held the core, from /proc/thread-self/schedstat). Busy time =
+wall - run-queue delay: what the step would take on cores of its own, waits for peers included.
+It also records the expert-parallel load imbalance the step's routing produced.
+
+Usage: python -m simulator.validate_worker RECIPE.yaml STEPS OUT_PREFIX   (writes OUT_PREFIX.rank<r>.json)
 """
 from __future__ import annotations
 
@@ -10,25 +15,79 @@ import sys
 import time
 
 
+def run_delay() -> float:
+    """Seconds this thread has spent waiting on a run queue (0 where schedstat is unavailable)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) * 1e-9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def ep_imbalance(expert_load: list, ep: int) -> float:
+    """Mean over MoE layers of (busiest expert-parallel rank's token copies / the mean rank's):
+    the factor by which the slowest rank's expert work and exchange exceed the average. Experts
+    are split over ranks in contiguous blocks."""
+    ratios = []
+    for load in expert_load:
+        if ep <= 1 or not load or len(load) % ep:
+            continue
+        per = len(load) // ep
+        ranks = [sum(load[i * per:(i + 1) * per]) for i in range(ep)]
+        mean = sum(ranks) / ep
+        if mean > 0:
+            ratios.append(max(ranks) / mean)
+    return sum(ratios) / len(ratios) if ratios else 1.0
+
+
+def global_load(expert_load: list, rt) -> list:
+    """Per-layer expert loads summed over all ranks (outside the timed region): an expert's rank
+    receives tokens from every rank of its EP group, and EP groups are statistically alike."""
+    if rt is None or not expert_load:
+        return expert_load
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(expert_load, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def main(argv: list[str]) -> int:
     recipe_path, steps, out = argv[0], int(argv[1]), argv[2]
     import torch
     from launch import train
+    from launch.distributed import init_distributed, shutdown
     from launch.recipe import load_recipe
     recipe = load_recipe(recipe_path)
     t = recipe.train
+    rt = init_distributed(recipe)
     train.seed_everything(t.seed)
     model = train.build_model(recipe, "cpu")
+    if rt is not None:
+        rt.parallelize(model)
     optimizer = train.build_optimizer(model, t)
-    batches, _ = train.build_data(recipe)
+    if rt is not None:
+        optimizer = rt.wrap_optimizer(optimizer, model)
+    dp_rank, dp = (rt.dp_rank, rt.dp_size) if rt is not None else (0, 1)
+    batches, _ = train.build_data(recipe, rank=dp_rank, world=dp)
+    rank = rt.rank if rt is not None else 0
     rows = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(step, t)
-        w0, c0 = time.perf_counter(), time.thread_time()
-        train.train_step(model, optimizer, batches, t, "cpu")
-        rows.append({"wall_s": time.perf_counter() - w0, "cpu_s": time.thread_time() - c0})
-    with open(out, "w") as f:
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = train.lr_at(step, t)
+            w0, c0, d0 = time.perf_counter(), time.thread_time(), run_delay()
+            m = train.train_step(model, optimizer, batches, t, "cpu",
+                                 grad_reducer=rt.grad_reducer if rt is not None else None)
+            wall, delay = time.perf_counter() - w0, run_delay() - d0
+            rows.append({"wall_s": wall, "cpu_s": time.thread_time() - c0, "run_delay_s": delay,
+                         "busy_s": max(0.0, wall - delay),
+                         "ep_imbalance": ep_imbalance(global_load(m.get("expert_load", []), rt),
+                                                      recipe.parallel.expert_parallel)})
+    finally:
+        if rt is not None:
+            shutdown()
+    with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"threads": torch.get_num_threads(), "steps": rows}, f)
     return 0
 

@@ -5,7 +5,8 @@ once, so each rank starts in a fraction of a second instead of re-importing torc
 gloo process group over a file store in a temporary directory (no ports to collide), calls
 `fn(*args)` on each rank, and returns the list of per-rank results (anything torch.save can write).
 A failure on any rank raises with that rank's traceback; a hang is killed after `timeout` seconds.
-`fn` must be a module-level function (it is pickled by name).
+`fn` must be a module-level function (it is pickled by name). `rel_diff` is how the equivalence tests
+compare a tensor with the reference.
 """
 from __future__ import annotations
 
@@ -68,3 +69,8 @@ def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> list:
         raise RuntimeError(f"ranks {missing} exited without a result (exit codes "
                            f"{[procs[r].exitcode for r in missing]})")
     return [o["result"] for o in outcomes]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, the relative difference the equivalence tests bound."""
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))

@@ -2,8 +2,12 @@
 states included, and training continues with the losses of the uninterrupted single-process run.
 
 Saved under world 4 = ep 2 x edp 2 with ZeRO-1 (expert stacks split by rows over EP ranks, every
-optimizer moment split into uneven flat ranges over the replicas). Loaded under: world 4 = ep 4
-without ZeRO; world 8 = ep 4 x edp 2 with ZeRO-1; world 2 = ep 2 with ZeRO-1; and one process.
+optimizer moment split into uneven flat ranges over the replicas). Loaded under: world 8 = ep 8
+with ZeRO-1 (dense moments in 8 ranges); world 2 = ep 2 with ZeRO-1 (no expert replicas); world 4
+= tp 2 x ep 2 with expert TP and ZeRO-1 (heads, MLP rows and columns, expert FFN columns split:
+blocks that are not row ranges, and ZeRO ranges of them); and one process without ZeRO (every
+tensor whole). The save is asynchronous, and the weights are changed
+while it is being written: the checkpoint must hold the values at the moment of `save`.
 The reference is one process training all steps on the global batch (as in
 test_parallel_equivalence.py, whose tolerances apply: relative 1e-5 on losses, which the ranks
 reach only if the loaded weights, moments, step counters and router biases are right).
@@ -82,7 +86,8 @@ def _rank(par: dict, ckpt_dir: str, load: bool, first: int, last: int) -> dict:
     rt = ParallelRuntime.setup(ParallelConfig(**par), model.cfg)
     rt.parallelize(model)
     opt = rt.wrap_optimizer(adamw(model), model)
-    ck = Checkpointer(CheckpointConfig(), ckpt_dir, runtime=rt, log=False)
+    # Saving uses the async path: the write runs in a thread over the checkpoint's own gloo group.
+    ck = Checkpointer(CheckpointConfig(async_save=not load), ckpt_dir, runtime=rt, log=False)
     if load:
         info = ck.load(model, opt)
         assert info["step"] == first, info
@@ -91,10 +96,12 @@ def _rank(par: dict, ckpt_dir: str, load: bool, first: int, last: int) -> dict:
                    lambda x: rt.mean_over_dp({"loss": x})["loss"])
               for tokens in batches()[first:last]]
     if not load:
-        ck.save(last, model, opt, {"tokens": last * GLOBAL_BATCH * SEQ})
+        assert ck.save(last, model, opt, {"tokens": last * GLOBAL_BATCH * SEQ}) is None  # in flight
+        for p in model.parameters():  # the loop may change the weights while the save is written
+            p.data.add_(1.0)
     ck.close()
     return {"loss": losses, "sharded": [n for n, p in model.named_parameters() if p.shape[0] == 8 // par["ep"]
-                                        and n.endswith("w1_EDF")]}
+                                        and n.endswith("w1_EDF")], "split": sorted(rt.shards)}
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +121,15 @@ def test_saving_layout_matches_reference(saved):
 
 
 @pytest.mark.parametrize("world, par", [
-    (4, dict(ep=4, dispatcher="alltoall")),
-    (8, dict(ep=4, dispatcher="alltoall", zero1=True)),
+    (8, dict(ep=8, dispatcher="alltoall", zero1=True)),
     (2, dict(ep=2, dispatcher="allgather", zero1=True)),
-], ids=["w4-ep4", "w8-ep4xedp2-zero1", "w2-ep2-zero1"])
+    (4, dict(tp=2, ep=2, dispatcher="alltoall", zero1=True)),
+], ids=["w8-ep8-zero1", "w2-ep2-zero1", "w4-tp2xep2-etp2-zero1"])
 def test_resume_under_other_layout(saved, world, par):
     out = run_distributed(_rank, world, par, saved[0], True, SAVE_AT, STEPS, timeout=240)
     assert out[0]["sharded"], "the expert stacks must really be sharded in this layout"
+    if par.get("tp", 1) > 1:  # attention heads, MLP rows/columns and expert FFN columns are split too
+        assert {"layers.0.attn.wo.weight", "layers.1.mlp.experts.w2_EFD"} <= set(out[0]["split"])
     for r, o in enumerate(out):
         _close(o["loss"], reference()["loss"][SAVE_AT:])
 
@@ -129,7 +138,8 @@ def test_resume_in_one_process_with_the_reference_optimizer_state(saved):
     model = build()
     opt = adamw(model)
     info = Checkpointer(CheckpointConfig(), saved[0], log=False).load(model, opt)
-    assert info["step"] == SAVE_AT and info["layout"] == {"ep": 2, "dp": 4, "edp": 2, "zero1": True}
+    assert info["step"] == SAVE_AT and info["layout"] == {"tp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2,
+                                                         "zero1": True}
     want = reference()["state"]
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():

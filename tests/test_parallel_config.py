@@ -46,7 +46,7 @@ def test_ep_inside_one_node_and_tp_extend_ep_arithmetic():
     (dict(ep=4, dispatcher="hierarchical", devices_per_node=6), 12, {},
      "parallel.devices_per_node: the hierarchical dispatcher needs each EP group to fill whole nodes or fit inside "
      "one; ep=4 and devices_per_node=6 do not divide one another"),
-    (dict(ep=2, tp=2), 4, {}, "parallel.tp: tp=2 is not supported by the training runtime yet"),
+    (dict(ep=2, cp=2), 4, {}, "parallel.cp: cp=2 is not supported by the training runtime yet"),
     (dict(ep=2, dispatcher="ring"), 2, {}, "parallel.dispatcher: unknown dispatcher 'ring'; allowed: 'local', "
                                            "'allgather', 'alltoall', 'hierarchical'"),
     (dict(ep=4), 1, {}, "parallel.ep: ep = 4 does not divide the 1 ranks of a pipeline stage"),

@@ -33,7 +33,7 @@ import torch
 from kernels import get_kernels
 from moe.config import ModelConfig
 from moe.model import MoETransformer
-from dist_utils import run_distributed
+from dist_utils import rel_diff, run_distributed
 
 BASE_MODEL = dict(vocab_size=64, hidden_size=32, num_layers=3, max_seq_len=32, num_heads=2, q_lora_rank=16,
                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, dense_ffn_size=64,
@@ -134,6 +134,7 @@ def _rank_worker(scenarios: list) -> list:
                     lambda x: rt.mean_over_dp({"loss": x})["loss"], names)
         out["ep_rank"], out["ep"] = rt.meshes.ep_rank(), rt.layout.ep
         out["expert_names"] = rt.expert_param_names
+        out["shards"], out["dp_rank"] = rt.shards, rt.dp_rank  # for tests/test_parallel_tp.py
         out["state_numel"] = (optimizer.state_numel() if hasattr(optimizer, "state_numel") else
                               sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.dim()))
         results.append(out)
@@ -147,10 +148,6 @@ def world_results(world: int) -> dict:
     return {s[0]: [per_rank[r][i] for r in range(world)] for i, s in enumerate(chosen)}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
 def _full_slice(ref: torch.Tensor, out: dict, name: str) -> torch.Tensor:
     """The part of reference tensor `name` that this rank holds (its experts, or all of it)."""
     if name in out["expert_names"]:
@@ -159,12 +156,12 @@ def _full_slice(ref: torch.Tensor, out: dict, name: str) -> torch.Tensor:
     return ref
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("sid, world, par, model_overrides", SCENARIOS, ids=[s[0] for s in SCENARIOS])
-def test_matches_single_process(sid, world, par, model_overrides):
-    ref = reference(tuple(sorted(model_overrides.items())))
+def check_against_reference(ranks: list[dict], ref: dict, full_slice=_full_slice,
+                            tol_after_update: float = TOL_AFTER_UPDATE) -> dict:
+    """Assert every rank's losses, gradient norms, gradients, final parameters and expert biases
+    match the reference (`full_slice(ref_tensor, out, name)`: the part of it the rank holds);
+    return the worst relative differences."""
     assert max(ref["grad_norm"]) > CLIP, "clipping must be active for the norm check to mean something"
-    ranks = world_results(world)[sid]
     worst = {"loss": 0.0, "grad0": 0.0, "grad": 0.0, "param": 0.0}
     for r, out in enumerate(ranks):
         for step in range(STEPS):
@@ -174,18 +171,27 @@ def test_matches_single_process(sid, world, par, model_overrides):
             assert rel_norm <= TOL, f"rank {r} step {step}: grad norm {out['grad_norm'][step]} vs {ref['grad_norm'][step]}"
             worst["loss"] = max(worst["loss"], rel_loss)
             for name, g in out["grads"][step].items():
-                want = _full_slice(ref["grads"][step][name], out, name)
+                want = full_slice(ref["grads"][step][name], out, name)
                 assert g.shape == want.shape, name
-                rel = _rel(g, want)
-                assert rel <= (TOL if step == 0 else TOL_AFTER_UPDATE), f"rank {r} step {step}: gradient of {name} differs by {rel:.2e} (relative)"
+                rel = rel_diff(g, want)
+                assert rel <= (TOL if step == 0 else tol_after_update), f"rank {r} step {step}: gradient of {name} differs by {rel:.2e} (relative)"
                 key = "grad0" if step == 0 else "grad"
                 worst[key] = max(worst[key], rel)
         for name, p in out["params"].items():
-            rel = _rel(p, _full_slice(ref["params"][name], out, name))
-            assert rel <= TOL_AFTER_UPDATE, f"rank {r}: final {name} differs by {rel:.2e} (relative)"
+            rel = rel_diff(p, full_slice(ref["params"][name], out, name))
+            assert rel <= tol_after_update, f"rank {r}: final {name} differs by {rel:.2e} (relative)"
             worst["param"] = max(worst["param"], rel)
         for got, want in zip(out["bias"], ref["bias"]):
             assert torch.equal(got, want), f"rank {r}: expert bias {got} vs reference {want}"
+    return worst
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sid, world, par, model_overrides", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_matches_single_process(sid, world, par, model_overrides):
+    ref = reference(tuple(sorted(model_overrides.items())))
+    ranks = world_results(world)[sid]
+    worst = check_against_reference(ranks, ref)
     if par.get("ep", 1) > 1:  # the expert stacks really are sharded
         assert any(n.endswith("w1_EDF") and p.shape[0] == BASE_MODEL["num_experts"] // par["ep"]
                    for n, p in ranks[0]["params"].items())

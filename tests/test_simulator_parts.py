@@ -58,15 +58,22 @@ def test_all_to_all_bytes_split_by_link():
 
 def test_ep_dispatch_bytes_of_each_dispatcher():
     # 10 tokens, top-2, 100-byte hidden vectors; routing metadata 8 bytes per choice = 16 per token
-    flat = C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8, imbalance=1.5)
-    assert len(flat) == 1 and flat[0].intra_bytes == pytest.approx(2000 * 3 / 4 * 1.5)
-    ag = C.ep_dispatch("allgather", 10, 2, 100, 4, 1, 8)
-    assert ag[0].intra_bytes == pytest.approx(4 * 10 * 116 * 3 / 4)
-    # EP 8 over 2 nodes of 4: all-gather across the 2 nodes (half of 2*10*116 leaves the node),
-    # then an all-to-all of the 2000 copy-bytes among the 4 local ranks
-    inter, intra = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4)
+    # every exchange with split sizes starts with a count exchange: one latency step, no bytes
+    counts, flat = C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8, imbalance=1.5)
+    assert (counts.bytes, counts.steps) == (0, 1)
+    assert flat.intra_bytes == pytest.approx(2000 * 3 / 4 * 1.5)
+    _, ag = C.ep_dispatch("allgather", 10, 2, 100, 4, 1, 8)
+    assert ag.intra_bytes == pytest.approx(4 * 10 * 116 * 3 / 4)
+    # EP 8 over 2 nodes of 4: each token (100 + 16 bytes) crosses to the other node once, then an
+    # all-to-all of the 2000 copy-bytes among the 4 local ranks
+    _, inter, _, intra = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4)
     assert (inter.inter_bytes, inter.intra_bytes) == (pytest.approx(1160), 0)
     assert (intra.intra_bytes, intra.inter_bytes) == (pytest.approx(1500), 0)
+    # knowing the experts (16 over 2 nodes, top-2), a token needs the other node unless both its
+    # experts are local: 1 - C(8,2)/C(16,2) = 1 - 28/120
+    _, inter, _, _ = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4, num_experts=16)
+    assert inter.inter_bytes == pytest.approx(10 * 116 * (1 - 28 / 120))
+    assert C.node_need(8, 2, 2) == pytest.approx(1 - 6 / 28)
     # inside one node hierarchical is the flat all-to-all
     assert C.ep_dispatch("hierarchical", 10, 2, 100, 4, 1, 8) == C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8)
     assert C.ep_dispatch("alltoall", 10, 2, 100, 1, 1, 8) == []

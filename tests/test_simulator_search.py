@@ -71,12 +71,12 @@ def test_model_search_respects_budget_and_reports_impossible_budgets():
     lspace = small_space(tp=[1, 2], pp=[1, 2], vpp=[1], cp=[1], ep=[1, 4], micro_batch_size=[1],
                          recompute=["selective"], swap=[False], optimizer_offload=[False], zero1=[True])
     mspace = ModelSpace(hidden_size=[256, 512], num_layers=[6], num_experts=[16, 32], top_k=[2],
-                        expert_ffn_size=[256], num_shared_experts=[1], total_params_max=60e6,
-                        activated_params_max=20e6)
+                        expert_ffn_size=[256], num_shared_experts=[1], total_params_min=0,
+                        total_params_max=60e6, activated_params_min=0, activated_params_max=20e6)
     rows = search_models(base, small_hw(memory_gb=4.0), 16, mspace, lspace)
     assert rows and all(r["total_params_b"] * 1e9 <= 60e6 and r["activated_params_b"] * 1e9 <= 20e6 for r in rows)
     assert [r["tokens_per_s"] for r in rows] == sorted((r["tokens_per_s"] for r in rows), reverse=True)
-    mspace.total_params_max = 1e3
+    mspace.total_params_max = 1e3  # below every candidate
     with pytest.raises(ConfigError, match="model_space: no model"):
         search_models(base, small_hw(memory_gb=4.0), 16, mspace, lspace)
 
@@ -129,7 +129,7 @@ def test_cli_estimate_search_and_errors(tmp_path, capsys):
         assert (tmp_path / "s" / f).stat().st_size > 0
     capsys.readouterr()
     assert main(["search", "--recipe", str(small), "--out", str(tmp_path / "m"), "--models", "--no-progress",
-                 "--set", "model_space.total_params_max=10"]) == 2
+                 "--set", "model_space.total_params_min=0", "model_space.total_params_max=10"]) == 2
     assert "no model in the space" in capsys.readouterr().err
 
 

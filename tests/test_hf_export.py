@@ -1,0 +1,177 @@
+"""Hugging Face export/import: DeepSeek-V3 tensor names, exact round trips (in memory, through a
+training checkpoint, through the CLI), RoPE reordering that preserves attention scores, and clear
+errors for bad input.
+
+(A one-off check against transformers' DeepseekV3ForCausalLM, which is not a dependency, is
+recorded in launch/CHECKPOINTS.md: same logits to 7e-5 on a pre-norm MLA model.)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+
+from launch.checkpoint import Checkpointer, load_model_weights
+from launch.cli import main as cli
+from launch.hf_export import HFError, _rope_rows, hf_config, read_hf, save_hf, to_hf
+from launch.recipe import CheckpointConfig, TrainConfig
+from launch.train import build_optimizer
+from moe.config import ModelConfig
+from moe.model import MoETransformer
+
+BASE = dict(vocab_size=64, hidden_size=32, num_layers=3, max_seq_len=32, num_heads=2, q_lora_rank=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, dense_ffn_size=64,
+            first_k_dense=1, num_experts=4, top_k=2, expert_ffn_size=16, num_shared_experts=1)
+CASES = {
+    "mla-sandwich-mtp-bias": dict(mtp_layers=1, expert_bias=True, score_func="sigmoid"),
+    "mla-direct-q-prenorm-tied": dict(q_lora_rank=0, norm="pre", tie_embeddings=True, mtp_layers=2),
+    "gqa-no-shared": dict(attention="gqa", num_kv_heads=1, head_dim=8, num_shared_experts=0),
+}
+
+
+def _model(**over) -> MoETransformer:
+    torch.manual_seed(0)
+    m = MoETransformer(ModelConfig(**{**BASE, **over}))
+    with torch.no_grad():  # non-trivial norm gains and biases, so a swapped name would show
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        for layer in m.moe_layers():
+            layer.router.expert_bias.normal_()
+        if not m.cfg.expert_bias:
+            for layer in m.moe_layers():
+                layer.router.expert_bias.zero_()  # without aux-free balancing the bias stays 0
+    return m
+
+
+def _assert_same(state: dict, model: MoETransformer) -> None:
+    want = model.state_dict()
+    assert set(state) == set(want)
+    for k, v in want.items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_round_trip_is_exact(tmp_path, case):
+    model = _model(**CASES[case])
+    save_hf(to_hf(model.state_dict(), model.cfg), model.cfg, tmp_path / "hf", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    cfg, state = read_hf(tmp_path / "hf")
+    assert cfg == model.cfg
+    _assert_same(state, model)
+
+
+def test_deepseek_v3_names_and_shapes(tmp_path):
+    model = _model(**CASES["mla-sandwich-mtp-bias"])
+    hf = to_hf(model.state_dict(), model.cfg)
+    d, f, e = 32, 16, 4
+    layer = "model.layers.1"  # the first MoE layer
+    expect = {
+        "model.embed_tokens.weight": (64, d), "lm_head.weight": (64, d), "model.norm.weight": (d,),
+        f"{layer}.self_attn.q_a_proj.weight": (16, d), f"{layer}.self_attn.q_a_layernorm.weight": (16,),
+        f"{layer}.self_attn.q_b_proj.weight": (2 * 12, 16), f"{layer}.self_attn.kv_a_proj_with_mqa.weight": (16 + 4, d),
+        f"{layer}.self_attn.kv_a_layernorm.weight": (16,), f"{layer}.self_attn.kv_b_proj.weight": (2 * 16, 16),
+        f"{layer}.self_attn.o_proj.weight": (d, 2 * 8), f"{layer}.mlp.gate.weight": (e, d),
+        f"{layer}.mlp.gate.e_score_correction_bias": (e,),
+        f"{layer}.mlp.experts.3.gate_proj.weight": (f, d), f"{layer}.mlp.experts.3.up_proj.weight": (f, d),
+        f"{layer}.mlp.experts.3.down_proj.weight": (d, f), f"{layer}.mlp.shared_experts.gate_proj.weight": (f, d),
+        f"{layer}.mlp.shared_experts.down_proj.weight": (d, f), f"{layer}.input_layernorm.weight": (d,),
+        f"{layer}.post_attention_layernorm.weight": (d,), f"{layer}.post_self_attn_layernorm.weight": (d,),
+        f"{layer}.post_mlp_layernorm.weight": (d,), "model.layers.0.mlp.gate_proj.weight": (64, d),
+        "model.layers.3.enorm.weight": (d,), "model.layers.3.hnorm.weight": (d,),
+        "model.layers.3.eh_proj.weight": (d, 2 * d), "model.layers.3.shared_head.norm.weight": (d,),
+        "model.layers.3.shared_head.head.weight": (64, d), "model.layers.3.embed_tokens.weight": (64, d),
+        "model.layers.3.mlp.experts.0.down_proj.weight": (d, f),
+    }
+    for name, shape in expect.items():
+        assert tuple(hf[name].shape) == shape, name
+    ex = model.layers[1].mlp.experts
+    assert torch.equal(hf[f"{layer}.mlp.experts.3.gate_proj.weight"], ex.w1_EDF[3].t())
+    assert torch.equal(hf[f"{layer}.mlp.experts.3.down_proj.weight"], ex.w2_EFD[3].t())
+    # DeepSeek's eh_proj reads [embedding, hidden]; ours reads [hidden, embedding]
+    assert torch.equal(hf["model.layers.3.eh_proj.weight"][:, :d], model.mtp[0].proj.weight[:, d:])
+    conf = json.loads(json.dumps(hf_config(model.cfg, torch.float32)))
+    assert conf["model_type"] == "deepseek_v3" and conf["n_routed_experts"] == e and conf["topk_method"] == "noaux_tc"
+    assert conf["num_nextn_predict_layers"] == 1 and conf["first_k_dense_replace"] == 1 and conf["rope_interleave"]
+
+
+def _rope_half(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    ang = pos[:, None] * (10000.0 ** (-torch.arange(half) / half))[None]
+    cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def _rope_interleaved(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """GPT-J / DeepSeek-V3 convention: channels (2c, 2c+1) rotate together at frequency c."""
+    half = x.shape[-1] // 2
+    ang = pos[:, None] * (10000.0 ** (-torch.arange(half) / half))[None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = a * ang.cos() - b * ang.sin()
+    out[..., 1::2] = a * ang.sin() + b * ang.cos()
+    return out
+
+
+def test_rope_reordering_preserves_attention_scores():
+    # Rope channels of q (rows of q_b_proj) and of the shared key (rows of kv_a_proj_with_mqa):
+    # scores with our rotate-half on our weights == scores with interleaved RoPE on exported weights.
+    torch.manual_seed(0)
+    rope, nope, lat = 8, 4, 6
+    wq = torch.randn(2 * (nope + rope), 5)  # 2 heads
+    wk = torch.randn(lat + rope, 5)
+    x, pos = torch.randn(7, 5), torch.arange(7.0)
+    q_ours = (x @ wq.t()).view(7, 2, nope + rope)[..., nope:]
+    k_ours = (x @ wk.t())[:, lat:]
+    q_hf = (x @ _rope_rows(wq, nope + rope, rope, True).t()).view(7, 2, nope + rope)[..., nope:]
+    k_hf = (x @ _rope_rows(wk, lat + rope, rope, True).t())[:, lat:]
+    ours = torch.einsum("hsd,td->hst", _rope_half(q_ours.transpose(0, 1), pos), _rope_half(k_ours, pos))
+    theirs = torch.einsum("hsd,td->hst", _rope_interleaved(q_hf.transpose(0, 1), pos), _rope_interleaved(k_hf, pos))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_rope_rows(_rope_rows(wq, nope + rope, rope, True), nope + rope, rope, False), wq)
+
+
+def test_cli_export_from_checkpoint_and_import_back(tmp_path, capsys):
+    model = _model(**CASES["mla-sandwich-mtp-bias"])
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", log=False)
+    ck.save(7, model, build_optimizer(model, TrainConfig()), {"tokens": 0},
+            yaml.safe_dump({"model": asdict(model.cfg)}))
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 0
+    cfg, state = read_hf(tmp_path / "hf")
+    _assert_same(state, model)
+    assert cli(["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    assert "checkpoint.resume=" in capsys.readouterr().out
+    fresh = MoETransformer(cfg)
+    info = load_model_weights(tmp_path / "imported" / "step-00000000", fresh)
+    assert info["kind"] == "weights"
+    _assert_same(fresh.state_dict(), model)
+    # a weights-only checkpoint restores the model and leaves the optimizer fresh
+    target = MoETransformer(cfg)
+    opt = build_optimizer(target, TrainConfig())
+    assert Checkpointer(CheckpointConfig(), tmp_path / "imported", log=False).load(target, opt)["step"] == 0
+    _assert_same(target.state_dict(), model)
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+
+
+def test_bad_input_gives_one_clear_error(tmp_path, capsys):
+    model = _model()
+    hf = to_hf(model.state_dict(), model.cfg)
+    del hf["model.layers.2.mlp.experts.1.up_proj.weight"]
+    hf["model.layers.9.self_attn.o_proj.weight"] = torch.zeros(1)
+    save_hf(hf, model.cfg, tmp_path / "hf")
+    with pytest.raises(HFError, match=r"missing 1 tensors \(e\.g\. model\.layers\.2\.mlp\.experts\.1\.up_proj\.weight\)"
+                       r"; 1 unexpected tensors \(e\.g\. model\.layers\.9\.self_attn\.o_proj\.weight\)"):
+        read_hf(tmp_path / "hf")
+    with pytest.raises(HFError, match="exists and is not empty; choose another --out"):
+        save_hf(hf, model.cfg, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(HFError, match=r"model\.safetensors: unreadable safetensors file"):
+        read_hf(tmp_path / "hf")
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no complete checkpoint" in err[0]
+    assert not (tmp_path / "o").exists()
