@@ -36,7 +36,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import asdict, is_dataclass
@@ -46,12 +45,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from launch import checkpoint_files as cf
 from launch import checkpoint_state as cs
 from launch.checkpoint_files import (FORMAT, LATEST, MANIFEST, META, RECIPE, STEP_DIR, CheckpointError, SafeReader,
                                      list_checkpoints, read_manifest, step_dir_name, tensor_sizes, verify_files)
+
 
 # --- collectives over the checkpoint's own group (no-ops in one process) --------------------------
 
@@ -63,10 +64,6 @@ class _Group:
         # A gloo group of its own: object collectives stay on the host, and an async save's
         # collectives never interleave with the training loop's on the default group.
         self.pg = dist.new_group(backend="gloo") if self.on else None
-
-    def barrier(self) -> None:
-        if self.on:
-            dist.barrier(group=self.pg)
 
     def all_gather(self, obj) -> list:
         if not self.on:
@@ -365,7 +362,6 @@ def _config_diff(path: Path, model) -> str:
     recipe = path / RECIPE
     if cfg is None or not recipe.is_file():
         return ""
-    import yaml
     try:
         saved = (yaml.safe_load(recipe.read_text()) or {}).get("model") or {}
     except yaml.YAMLError:
@@ -376,21 +372,20 @@ def _config_diff(path: Path, model) -> str:
 
 
 def load_model_weights(path: str | Path, model) -> dict:
-    """Load only the model weights of checkpoint `path` (single process; e.g. for evaluation or
-    export). Verifies sizes only, not checksums (see `Checkpointer.verify` for the full check)."""
+    """Load only the model weights of checkpoint `path` into a full (single-process) model, e.g. for
+    evaluation or export, after verifying every file against the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    problems = verify_files(path, manifest["files"], checksum=False)
+    problems = verify_files(path, manifest["files"], checksum=True)
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}")
     entries = cs.model_entries(model, cs.placements(model))
     problems = cs.size_problems(entries, tensor_sizes(path))
     if problems:
         raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}.{_config_diff(path, model)}")
-    with cf.quiet():
-        dcp.load(entries, storage_reader=SafeReader(path), planner=cs.LoadPlanner(), no_dist=True)
+    try:
+        with cf.quiet():
+            dcp.load(entries, storage_reader=SafeReader(path), planner=cs.LoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"reading {path} failed: {_describe(e)}") from e
     return json.loads((path / META).read_text())
-
-
-if __name__ == "__main__":
-    sys.exit("launch/checkpoint.py is a library; see launch/CHECKPOINTS.md")

@@ -184,24 +184,31 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 def ensure_state(optimizer) -> None:
-    """Create missing optimizer states as the optimizer itself would: one step with zero gradients
-    and learning rate 0 (AdamW then changes no parameter: decay multiplies by 1 - 0 * wd, the update
-    is 0 * m / (sqrt(v) + eps)), then every step counter back to 0 so the next real step is step 1."""
+    """Create missing optimizer states as the optimizer itself would: one step with learning rate 0
+    and zero gradients on the parameters without state (the others get no gradient, so the step
+    skips them). AdamW then changes no parameter (decay multiplies by 1 - 0 * wd, the update is
+    0 * m / (sqrt(v) + eps)); the new step counters go back to 0 so the next real step is step 1."""
     opt = _torch_optimizer(optimizer)
     params = [p for g in opt.param_groups for p in g["params"]]
-    if all(opt.state.get(p) for p in params):
+    missing = [p for p in params if not opt.state.get(p)]
+    if not missing:
         return
     saved_grads = [p.grad for p in params]
     saved_lr = [g["lr"] for g in opt.param_groups]
     for p in params:
+        p.grad = None
+    for p in missing:
         p.grad = torch.zeros_like(p)
     for g in opt.param_groups:
         g["lr"] = 0.0
-    opt.step()
-    for g, lr in zip(opt.param_groups, saved_lr):
-        g["lr"] = lr
-    for p, grad in zip(params, saved_grads):
-        p.grad = grad
+    try:
+        opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, saved_lr):
+            g["lr"] = lr
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
+    for p in missing:
         step = opt.state[p].get("step")
         if torch.is_tensor(step):
             step.zero_()

@@ -9,7 +9,10 @@ from typing import Optional
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int = 0):
+        """`resume_step` > 0 keeps the earlier run's records up to that step and appends after them;
+        records past it belong to steps that will be trained again and are dropped."""
         self.enabled = enabled
         self.jsonl_path = Path(out_dir) / "metrics.jsonl"
         self._file = None
@@ -17,10 +20,17 @@ class MetricsLogger:
         if not enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step > 0 and self.jsonl_path.is_file():
+            kept = [line for line in self.jsonl_path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
         self._file = self.jsonl_path.open("w")
+        self._file.writelines(line + "\n" for line in kept)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            # purge_step drops TensorBoard events past the resume point, like the JSONL records.
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -40,6 +50,14 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of one JSONL record; None for a line cut short by a crash mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def short_line(m: dict) -> str:

@@ -15,6 +15,9 @@
 
 Under data parallelism pass the loss averaged over the data-parallel ranks (and the global
 gradient norm, which the gradient reducer already returns): every rank then decides alike.
+
+* `Recovery` is what launch/train.py calls: it bundles the two with the `Checkpointer` (resume at
+  start, the per-step check, periodic / final / on-signal saves).
 """
 from __future__ import annotations
 
@@ -23,10 +26,15 @@ import signal
 import sys
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import yaml
+
+from launch.checkpoint import Checkpointer
+from moe.config import to_dict
 
 
 class TrainingAborted(RuntimeError):
@@ -151,12 +159,6 @@ class Recovery:
 
     def __init__(self, recipe, model, optimizer, train_it, runtime=None, device: str = "cpu",
                  log: bool = True, stop_after: Optional[int] = None):
-        from pathlib import Path
-
-        import yaml
-
-        from launch.checkpoint import Checkpointer
-        from moe.config import to_dict
         self.recipe, self.model, self.optimizer, self.train_it = recipe, model, optimizer, train_it
         self.runtime, self.device, self.stop_after = runtime, device, stop_after
         self.log = log
@@ -184,6 +186,9 @@ class Recovery:
         self.train_it.load_state_dict(info["data"])
         self.guard.load_state_dict(info.get("resilience", {}))
         self.saved_step = int(info["step"])
+        if self.saved_step >= self.recipe.train.steps:
+            self._say(f"the run is complete (step {self.saved_step}, train.steps={self.recipe.train.steps}); "
+                      "raise train.steps to train further")
         if info.get("global_batch") not in (None, self._global_batch()):
             self._say(f"note: the global batch changed from {info['global_batch']} to {self._global_batch()} "
                       "samples; data continues from the saved position, the losses will differ from the old run's")

@@ -176,7 +176,6 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
         return rt.mean_over_dp({"eval": loss})["eval"]
 
     out_dir = Path(t.out_dir)
-    logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, enabled=log)
     counts = param_counts(recipe.model)
     flops_per_token = model_flops_per_token(recipe.model, t.seq_len)
     peak = device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
@@ -191,6 +190,7 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
 
     recovery = Recovery(recipe, model, optimizer, train_it, rt, device, log=log, stop_after=stop_after)
     start_step = recovery.resume()
+    logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, enabled=log, resume_step=start_step)
     history: list[dict] = []
     bar = _progress(t.steps, show, initial=start_step)
     final_eval = None

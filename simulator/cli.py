@@ -150,7 +150,7 @@ def cmd_validate(args) -> int:
     rows = run_validation(hw, args.config or DEFAULT_CONFIG, workdir=Path(args.workdir) if args.workdir else None,
                           only=args.case)
     print()
-    print(table(rows, ["case", "world", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
+    print(table(rows, ["case", "world", "tp", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
                        "ep_imbalance", "predicted_s", "measured_s", "error_pct", "busy_median_s", "wall_s", "predicted_act_mb",
                        "measured_act_mb", "act_error_pct", "note"]))
     s = summarize(rows)

@@ -12,7 +12,9 @@ several (see `_ELTWISE`).
 
 Tensor parallelism: column-parallel projections split their output, row-parallel ones their input;
 MLA's down-projections (wq_a, wkv_a) are replicated on every TP rank (their outputs are small latents
-that every rank needs), as in Megatron's MLA. Sequence parallelism is assumed with TP > 1.
+that every rank needs), as in Megatron's MLA. With sequence parallelism (the layout's default) the
+work outside TP regions (norms, residuals, router) is split over the TP ranks; without it every TP
+rank repeats it on all tokens.
 """
 from __future__ import annotations
 
@@ -101,9 +103,11 @@ class ComputeModel:
 
     # -- layer parts (T = tokens of one micro-batch on this cp rank, before the SP split) --------
 
-    def attention(self, T: float, seq: int, tp: int) -> list[Op]:
+    def attention(self, T: float, seq: int, tp: int, sp: int | None = None) -> list[Op]:
+        """`sp`: ranks sharing the token dimension outside TP regions (tp with sequence parallelism,
+        1 without); defaults to tp."""
         cfg, D = self.model, self.model.hidden_size
-        t_sp = T / tp
+        t_sp = T / (sp or tp)
         ops = [self.eltwise("attn_norm", "norm", t_sp * D, selective=True)]
         for lin in acc.attention_linears(cfg):
             if lin.name in ("wq_a", "wkv_a"):  # replicated down-projections
@@ -142,30 +146,36 @@ class ComputeModel:
                 self.eltwise(f"{name}_act", "swiglu_act", T * f, selective=True),
                 self.gemm(f"{name}_w2", T, f, D)]
 
-    def dense_ffn(self, T: float, tp: int) -> list[Op]:
+    def dense_ffn(self, T: float, tp: int, sp: int | None = None) -> list[Op]:
         D = self.model.hidden_size
-        ops = [self.eltwise("mlp_norm", "norm", T / tp * D, selective=True)]
+        t_sp = T / (sp or tp)
+        ops = [self.eltwise("mlp_norm", "norm", t_sp * D, selective=True)]
         ops += self.mlp("mlp", T, self.model.dense_ffn_size, tp)
         if self.model.norm == "sandwich":
-            ops.append(self.eltwise("mlp_post_norm", "norm", T / tp * D, selective=True))
-        ops.append(self.eltwise("mlp_residual", "residual", T / tp * D))
+            ops.append(self.eltwise("mlp_post_norm", "norm", t_sp * D, selective=True))
+        ops.append(self.eltwise("mlp_residual", "residual", t_sp * D))
         return ops
 
     def moe_ffn(self, T: float, tp: int, ep: int, etp: int, imbalance: float, dispatcher: str = "local",
-                nodes: int = 1) -> list[Op]:
+                nodes: int = 1, sp: int | None = None, t_moe: float | None = None, rows: float | None = None
+                ) -> list[Op]:
         """Router, the dispatcher's local permutations, grouped expert GEMMs on the slowest rank,
-        shared expert. `nodes`: nodes the EP group spans (hierarchical dispatch)."""
+        shared expert. `nodes`: nodes the EP group spans (hierarchical dispatch); `sp` as in
+        `attention`; `t_moe`: tokens this device dispatches and `rows`: expert rows it computes
+        (defaults: sequence parallelism, T / tp tokens gathered over the expert-TP group)."""
         cfg, D = self.model, self.model.hidden_size
-        t_sp = T / tp  # tokens entering the MoE block on this device
+        t_tok = T / (sp or tp)  # tokens the block's norms and router see on this device
+        t_sp = t_moe if t_moe is not None else T / tp
         e_local = cfg.num_experts // ep
-        rows = t_sp * cfg.top_k * etp * imbalance  # expert rows on the busiest device
+        if rows is None:
+            rows = t_sp * cfg.top_k * etp * imbalance  # expert rows on the busiest device
         m_e = rows / e_local
         f = cfg.expert_ffn_size / etp
         kern = e_local if self.grouped_per_expert else 1
         copies = t_sp * cfg.top_k * D
-        ops = [self.eltwise("moe_norm", "norm", t_sp * D, selective=True),
-               self.gemm("router", t_sp, D, cfg.num_experts),
-               self.eltwise("routing", "router", t_sp * cfg.num_experts, elem_bytes=4)]
+        ops = [self.eltwise("moe_norm", "norm", t_tok * D, selective=True),
+               self.gemm("router", t_tok, D, cfg.num_experts),
+               self.eltwise("routing", "router", t_tok * cfg.num_experts, elem_bytes=4)]
         ops += self._dispatch_ops(dispatcher, ep, nodes, t_sp, copies, rows * D)
         ops += [self.gemm("experts_w1", m_e, D, f, count=e_local, kernels=kern),
                 self.gemm("experts_w3", m_e, D, f, count=e_local, kernels=kern),
@@ -174,8 +184,8 @@ class ComputeModel:
         if cfg.num_shared_experts:
             ops += self.mlp("shared", T, cfg.num_shared_experts * cfg.expert_ffn_size, tp)
         if cfg.norm == "sandwich":
-            ops.append(self.eltwise("moe_post_norm", "norm", t_sp * D, selective=True))
-        ops.append(self.eltwise("moe_residual", "residual", t_sp * D))
+            ops.append(self.eltwise("moe_post_norm", "norm", t_tok * D, selective=True))
+        ops.append(self.eltwise("moe_residual", "residual", t_tok * D))
         return ops
 
     def _dispatch_ops(self, dispatcher: str, ep: int, nodes: int, t_sp: float, copies: float,
@@ -204,19 +214,19 @@ class ComputeModel:
                     self.eltwise("node_sum", "residual", per_node)]
         return ops
 
-    def embedding(self, T: float, tp: int) -> list[Op]:
-        return [self.eltwise("embedding", "embedding", T / tp * self.model.hidden_size)]
+    def embedding(self, T: float, sp: int) -> list[Op]:
+        return [self.eltwise("embedding", "embedding", T / sp * self.model.hidden_size)]
 
-    def head(self, T: float, tp: int) -> list[Op]:
+    def head(self, T: float, tp: int, sp: int | None = None) -> list[Op]:
         """Final norm, vocab-parallel output projection and fp32 cross-entropy."""
         cfg, D = self.model, self.model.hidden_size
-        return [self.eltwise("final_norm", "norm", T / tp * D),
+        return [self.eltwise("final_norm", "norm", T / (sp or tp) * D),
                 self.gemm("head", T, D, cfg.vocab_size / tp),
                 self.eltwise("cross_entropy", "cross_entropy", T * cfg.vocab_size / tp, elem_bytes=4)]
 
-    def mtp_extra(self, T: float, tp: int) -> list[Op]:
+    def mtp_extra(self, T: float, tp: int, sp: int | None = None) -> list[Op]:
         """An MTP module's own work besides its transformer block: norms, projection, head pass."""
         D = self.model.hidden_size
-        return [self.eltwise("mtp_norms", "norm", 2 * T / tp * D),
+        return [self.eltwise("mtp_norms", "norm", 2 * T / (sp or tp) * D),
                 self.gemm("mtp_proj", T, 2 * D, D / tp)] + [
-            Op("mtp_" + o.name, o.fwd, o.bwd, o.flops) for o in self.head(T, tp)]
+            Op("mtp_" + o.name, o.fwd, o.bwd, o.flops) for o in self.head(T, tp, sp)]

@@ -175,7 +175,7 @@ class Simulator:
     def pipe(self, lay: Layout, d: Derived) -> "_Pipe":
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-                lay.dispatcher, d.devices_per_node)
+                lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
         key = ("pipe", lkey, lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
         hit = self._cache.get(key)
         if hit is not None:
@@ -225,7 +225,8 @@ class Simulator:
     def _p2p_time(self, lay: Layout, d: Derived) -> float:
         if lay.pp == 1:
             return 0.0
-        key = ("p2p", lay.pp, lay.tp, lay.cp, d.dp, lay.micro_batch_size, lay.seq_len, d.devices_per_node)
+        key = ("p2p", lay.pp, lay.tp, lay.cp, d.dp, lay.micro_batch_size, lay.seq_len, d.devices_per_node,
+               lay.sequence_parallel)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._p2p_uncached(lay, d)
@@ -234,7 +235,8 @@ class Simulator:
     def _p2p_uncached(self, lay: Layout, d: Derived) -> float:
         stride = lay.tp * lay.cp * d.dp
         crosses = stride >= d.devices_per_node or stride * lay.pp > d.devices_per_node
-        nbytes = lay.micro_batch_size * lay.seq_len / (lay.cp * lay.tp) * self.model.hidden_size * self.b
+        sp = lay.tp if lay.sequence_parallel else 1
+        nbytes = lay.micro_batch_size * lay.seq_len / (lay.cp * sp) * self.model.hidden_size * self.b
         return C.p2p(nbytes, crosses).time(self.hw)
 
     def _dp_times(self, lay: Layout, d: Derived, dense: float, expert: float, tensors: int) -> tuple:

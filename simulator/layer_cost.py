@@ -113,7 +113,7 @@ class LayerCosts:
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
         key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-               lay.dispatcher, d.devices_per_node)
+               lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)
@@ -123,30 +123,41 @@ class LayerCosts:
         cfg, cm, hw, o = self.model, self.cm, self.hw, self.opt
         tp, cp, dpn = lay.tp, lay.cp, d.devices_per_node
         T = lay.micro_batch_size * lay.seq_len / cp
+        sp = tp if lay.sequence_parallel else 1  # ranks sharing the tokens outside TP regions
         hidden_bytes = T * cfg.hidden_size * self.b  # one gathered activation of the micro-batch
         if kind == "noop":
             return PartCost()
         if kind == "embed":
             # its output is the first layer's input, already counted there; the lookup keeps ids only
-            pcost = self._ops_cost(cm.embedding(T, tp), "none")
+            pcost = self._ops_cost(cm.embedding(T, sp), "none")
             pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
             return pcost
         if kind == "head":
-            pcost = self._ops_cost(cm.head(T, tp), "none")
+            pcost = self._ops_cost(cm.head(T, tp, sp), "none")
             pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
-            pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused)
+            pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused, sp)
             return pcost
 
         mtp = kind == "mtp"
         moe = kind in ("moe", "mtp")
-        attn_ops = cm.attention(T, lay.seq_len, tp)
+        # Tokens this device dispatches and expert rows it computes. Sequence parallelism: its T/tp
+        # tokens, rows gathered over the expert-TP group. Without it: TP-extend-EP dispatches this
+        # TP rank's slice T/tp; expert TP dispatches all T tokens to experts of 1/etp width.
+        t_moe = T / tp if lay.sequence_parallel or lay.tp_extend_ep else T
+        rows = t_moe * cfg.top_k * o.expert_imbalance * (d.etp if lay.sequence_parallel else 1)
+        attn_ops = cm.attention(T, lay.seq_len, tp, sp)
         nodes = C.group_span(d.ep, d.etp, dpn)[1]
-        ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes) if moe
-                   else cm.dense_ffn(T, tp))
-        extra = cm.mtp_extra(T, tp) if mtp else []
+        ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes, sp, t_moe, rows)
+                   if moe else cm.dense_ffn(T, tp, sp))
+        extra = cm.mtp_extra(T, tp, sp) if mtp else []
         pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
-        n_tp = 2 if not moe or cfg.num_shared_experts else 1
-        pcost.tp = self._tp_time(hidden_bytes, tp, dpn, n_tp + (1 if mtp else 0))
+        # TP regions: attention, dense MLP or shared expert (all-gather + reduce-scatter with SP, or
+        # an all-reduce each way without: the same bytes). Without SP the routed experts' output is
+        # summed over expert TP (all-reduce), or TP-extend-EP's slices are gathered back (all-gather).
+        pairs = 2 if not moe or cfg.num_shared_experts else 1
+        if moe and tp > 1 and not lay.sequence_parallel:
+            pairs += 0.5 if lay.tp_extend_ep else 1
+        pcost.tp = self._tp_time(hidden_bytes, tp, dpn, pairs + (1 if mtp else 0))
         if cp > 1:
             kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
                                            else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
@@ -154,17 +165,18 @@ class LayerCosts:
             core = next(op.fwd for op in attn_ops if op.name == "core_attention")
             pcost.cp = max(0.0, t_cp - core)
         if moe and d.ep * d.etp > 1:
-            self._ep_costs(pcost, ffn_ops, T / tp, lay, d)
+            self._ep_costs(pcost, ffn_ops, t_moe, lay, d)
         # activations
-        saved = M.layer_saved(cfg, "moe" if moe else "dense", tp, d.etp, o.expert_imbalance)
+        kind_ = "moe" if moe else "dense"
+        saved = M.layer_saved(cfg, kind_, tp, d.etp, o.expert_imbalance, sp, t_moe / T, rows / T)
         if not hw.fused:
-            saved += M.unfused_saved(cfg, "moe" if moe else "dense", tp, d.etp, o.expert_imbalance, lay.seq_len)
+            saved += M.unfused_saved(cfg, kind_, tp, d.etp, o.expert_imbalance, lay.seq_len, sp, rows / T)
         kept, swapped = M.saved_bytes_per_token(saved, self.b, lay.recompute, lay.swap)
         full, _ = M.saved_bytes_per_token(saved, self.b, "none")
         pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
         if mtp:  # its norms and projection input, and another pass through the head
-            pcost.act += T * ((3 if hw.fused else 6) * cfg.hidden_size / tp * self.b
-                              + M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused))
+            pcost.act += T * ((3 if hw.fused else 6) * cfg.hidden_size / sp * self.b
+                              + M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused, sp))
         if lay.swap and swapped:
             t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat
             pcost.swap = max(0.0, t_swap - pcost.f)
@@ -175,7 +187,7 @@ class LayerCosts:
         dpn = d.devices_per_node
         comms = C.ep_dispatch(lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
                               o.expert_imbalance, cfg.num_experts)
-        if d.etp > 1:  # expert tensor parallelism gathers the received rows over its group
+        if d.etp > 1 and lay.sequence_parallel:  # expert TP gathers the received rows over its group
             rows = tokens * cfg.top_k * o.expert_imbalance
             comms.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
         t = C.comm_time(comms, hw)  # dispatch; the combine moves the same volume back

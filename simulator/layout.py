@@ -25,6 +25,7 @@ class Layout:
     ep: int = 1
     etp: Optional[int] = None  # expert tensor parallelism; None = same as tp
     tp_extend_ep: bool = False  # MoE layers: the TP ranks split experts instead of expert weights
+    sequence_parallel: bool = True  # with TP: split the tokens outside TP regions over the TP ranks
     cp: int = 1
     zero1: bool = True  # shard optimizer states (and master weights) over data-parallel ranks
     micro_batch_size: int = 1  # sequences per micro-batch
@@ -69,6 +70,8 @@ class Layout:
         parts.append(f"ep{self.ep}" + ("x" if self.tp_extend_ep else ""))
         if self.expert_tp != self.tp and not self.tp_extend_ep:
             parts.append(f"etp{self.expert_tp}")
+        if self.tp > 1 and not self.sequence_parallel:
+            parts.append("nosp")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
         parts += [f"mbs{self.micro_batch_size}", self.recompute[:3]]
@@ -127,10 +130,10 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
     if lay.dispatcher == "local" and ep > 1:
         raise ConfigError(f"layout.dispatcher: 'local' needs ep == 1, got expert-parallel size {ep}; "
                           f"use alltoall, hierarchical or allgather")
-    shard = lay.tp * lay.cp
+    shard = (lay.tp if lay.sequence_parallel or lay.tp_extend_ep else 1) * lay.cp
     if lay.seq_len % shard:
-        raise ConfigError(f"layout.seq_len: {lay.seq_len} is not divisible by tp*cp={shard} "
-                          f"(sequence parallelism splits the sequence)")
+        raise ConfigError(f"layout.seq_len: {lay.seq_len} is not divisible by {shard} (tp*cp: sequence "
+                          f"parallelism or TP-extend-EP split the sequence over the TP ranks)")
     if lay.seq_len > model.max_seq_len:
         raise ConfigError(f"layout.seq_len: {lay.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     per_step = lay.micro_batch_size * dp

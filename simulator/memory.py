@@ -10,8 +10,8 @@ that drops them. `selective` is the fine-grained policy: recompute norms, activa
 permutation and MLA's up-projections (so q, k, v are rebuilt from the latents); `full` keeps only
 each layer's input. `swap` sends the large swappable tensors (q/k/v, attention output, expert
 inputs and hidden states) to host memory, keeping those of `swap_window` layers on the device for
-prefetch. With TP, sequence parallelism shards hidden-sized tensors and heads shard attention
-tensors; MLA latents are replicated like their projections.
+prefetch. With TP, heads shard attention tensors, and with sequence parallelism the TP ranks also
+shard the hidden-sized ones; MLA latents are replicated like their projections.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from moe.config import ModelConfig
 Saved = tuple[str, float, "float | None", bool, bool]
 
 
-def attention_saved(cfg: ModelConfig, tp: int) -> list[Saved]:
-    D, H = cfg.hidden_size, cfg.num_heads / tp
-    out: list[Saved] = [("attn_in", D / tp, None, False, False), ("attn_normed", D / tp, None, True, False)]
+def attention_saved(cfg: ModelConfig, tp: int, sp: int | None = None) -> list[Saved]:
+    """`sp`: ranks sharing the token dimension outside TP regions (tp with sequence parallelism)."""
+    D, H, sp = cfg.hidden_size, cfg.num_heads / tp, sp or tp
+    out: list[Saved] = [("attn_in", D / sp, None, False, False), ("attn_normed", D / sp, None, True, False)]
     if cfg.attention == "mla":
         if cfg.q_lora_rank:
             out += [("q_latent", cfg.q_lora_rank, None, False, False),
@@ -43,7 +44,7 @@ def attention_saved(cfg: ModelConfig, tp: int) -> list[Saved]:
                 ("v", hkv * cfg.head_dim, None, False, True), ("attn_out", H * cfg.head_dim, None, False, True)]
     out.append(("softmax_lse", H, 4, False, False))
     if cfg.norm == "sandwich":
-        out.append(("attn_post_norm_in", D / tp, None, False, False))
+        out.append(("attn_post_norm_in", D / sp, None, False, False))
     return out
 
 
@@ -54,37 +55,42 @@ def swiglu_saved(prefix: str, ffn: float, tokens: float = 1.0, swappable: bool =
             (f"{prefix}_act_out", tokens * ffn, None, True, swappable)]
 
 
-def dense_mlp_saved(cfg: ModelConfig, tp: int) -> list[Saved]:
-    D = cfg.hidden_size
-    out: list[Saved] = [("mlp_in", D / tp, None, False, False), ("mlp_normed", D / tp, None, True, False)]
+def dense_mlp_saved(cfg: ModelConfig, tp: int, sp: int | None = None) -> list[Saved]:
+    D, sp = cfg.hidden_size, sp or tp
+    out: list[Saved] = [("mlp_in", D / sp, None, False, False), ("mlp_normed", D / sp, None, True, False)]
     out += swiglu_saved("mlp", cfg.dense_ffn_size / tp)
     if cfg.norm == "sandwich":
-        out.append(("mlp_post_norm_in", D / tp, None, False, False))
+        out.append(("mlp_post_norm_in", D / sp, None, False, False))
     return out
 
 
-def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float) -> list[Saved]:
-    """The busiest device holds top_k * etp * imbalance expert rows per token entering it (T / tp)."""
-    D, k = cfg.hidden_size, cfg.top_k
-    copies = k * etp * imbalance / tp
-    out: list[Saved] = [("moe_in", D / tp, None, False, False), ("moe_normed", D / tp, None, True, False),
-                        ("router_scores", cfg.num_experts / tp, 4, False, False),
+def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float, sp: int | None = None,
+              home: float | None = None, copies: float | None = None) -> list[Saved]:
+    """`home`: share of the tokens this device dispatches and combines; `copies`: expert rows it
+    computes per token. Defaults (sequence parallelism): 1/tp and top_k * etp * imbalance / tp on
+    the busiest device."""
+    D, k, sp = cfg.hidden_size, cfg.top_k, sp or tp
+    home = 1 / tp if home is None else home
+    copies = k * etp * imbalance / tp if copies is None else copies
+    out: list[Saved] = [("moe_in", D / sp, None, False, False), ("moe_normed", D / sp, None, True, False),
+                        ("router_scores", cfg.num_experts / sp, 4, False, False),
                         ("expert_in", copies * D, None, False, True)]
     out += swiglu_saved("experts", cfg.expert_ffn_size / etp, copies, swappable=True)
-    out.append(("expert_out", k / tp * D, None, False, False))
+    out.append(("expert_out", k * home * D, None, False, False))
     if cfg.num_shared_experts:
         out += swiglu_saved("shared", cfg.num_shared_experts * cfg.expert_ffn_size / tp)
     if cfg.norm == "sandwich":
-        out.append(("moe_post_norm_in", D / tp, None, False, False))
+        out.append(("moe_post_norm_in", D / sp, None, False, False))
     return out
 
 
-def unfused_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, seq_len: int) -> list[Saved]:
+def unfused_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, seq_len: int,
+                  sp: int | None = None, copies: float | None = None) -> list[Saved]:
     """What an unfused implementation (the CPU reference path) keeps on top of `layer_saved`: each
     RMSNorm its normalised input before the gain, each SwiGLU the SiLU output, and attention without
     a flash kernel the causal softmax probabilities (heads x sequence per token)."""
     D = cfg.hidden_size
-    norms = [D / tp] * (4 if cfg.norm == "sandwich" else 2)
+    norms = [D / (sp or tp)] * (4 if cfg.norm == "sandwich" else 2)
     if cfg.attention == "mla":
         norms += [cfg.kv_lora_rank] + ([cfg.q_lora_rank] if cfg.q_lora_rank else [])
     out: list[Saved] = [(f"norm{i}_unscaled", n, None, True, False) for i, n in enumerate(norms)]
@@ -92,16 +98,18 @@ def unfused_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: flo
     if kind == "dense":
         out.append(("mlp_silu", cfg.dense_ffn_size / tp, None, True, False))
     else:
-        out.append(("experts_silu", cfg.top_k * etp * imbalance / tp * cfg.expert_ffn_size / etp, None, True, True))
+        copies = cfg.top_k * etp * imbalance / tp if copies is None else copies
+        out.append(("experts_silu", copies * cfg.expert_ffn_size / etp, None, True, True))
         if cfg.num_shared_experts:
             out.append(("shared_silu", cfg.num_shared_experts * cfg.expert_ffn_size / tp, None, True, False))
     return out
 
 
-def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int, fused: bool = True) -> float:
+def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int, fused: bool = True,
+                               sp: int | None = None) -> float:
     """Final norm input and output (and, unfused, its unscaled copy), and the fp32 log-probabilities
-    the cross-entropy keeps."""
-    return (2 if fused else 3) * cfg.hidden_size / tp * act_bytes + 4 * cfg.vocab_size / tp
+    the cross-entropy keeps (vocab-parallel)."""
+    return (2 if fused else 3) * cfg.hidden_size / (sp or tp) * act_bytes + 4 * cfg.vocab_size / tp
 
 
 def saved_bytes_per_token(saved: list[Saved], act_bytes: int, policy: str, swap: bool = False) -> tuple[float, float]:
@@ -121,11 +129,12 @@ def saved_bytes_per_token(saved: list[Saved], act_bytes: int, policy: str, swap:
     return kept, swapped
 
 
-def layer_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float) -> list[Saved]:
+def layer_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, sp: int | None = None,
+                home: float | None = None, copies: float | None = None) -> list[Saved]:
     if kind == "dense":
-        return attention_saved(cfg, tp) + dense_mlp_saved(cfg, tp)
+        return attention_saved(cfg, tp, sp) + dense_mlp_saved(cfg, tp, sp)
     if kind == "moe":
-        return attention_saved(cfg, tp) + moe_saved(cfg, tp, etp, imbalance)
+        return attention_saved(cfg, tp, sp) + moe_saved(cfg, tp, etp, imbalance, sp, home, copies)
     raise ValueError(kind)
 
 

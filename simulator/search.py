@@ -127,8 +127,8 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
                 continue
             for mbs, rc, swap, disp in itertools.product(space.micro_batch_size, space.recompute, space.swap,
                                                          dispatchers):
-                lay = Layout(tp, pp, vpp, ep, None, tpx, cp, zero1, mbs, space.global_batch_size, space.seq_len,
-                             rc, swap, offload, disp)
+                lay = Layout(tp, pp, vpp, ep, None, tpx, True, cp, zero1, mbs, space.global_batch_size,
+                             space.seq_len, rc, swap, offload, disp)
                 try:
                     d = sim.derive(lay)
                 except ConfigError:

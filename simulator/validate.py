@@ -48,6 +48,8 @@ class Case:
     seq_len: int = 128
     grad_accum: int = 1
     world: int = 1
+    tp: int = 1
+    tp_extend_ep: bool = False
     ep: int = 1
     dispatcher: Literal["local", "allgather", "alltoall", "hierarchical"] = "local"
     devices_per_node: int = 8
@@ -73,11 +75,14 @@ def load_validate_config(path: str | Path = DEFAULT_CONFIG) -> ValidateConfig:
 
 
 def case_layout(c: Case) -> Layout:
-    dp = c.world  # no tp/cp/pp here: every rank is a data-parallel rank (EP splits the experts among them)
-    return Layout(tp=1, pp=1, ep=c.ep, micro_batch_size=c.micro_batch_size,
-                  global_batch_size=c.micro_batch_size * c.grad_accum * dp, seq_len=c.seq_len,
-                  recompute="none", dispatcher=c.dispatcher if c.ep > 1 else "local", zero1=c.zero1,
-                  devices_per_node=min(c.devices_per_node, c.world) if c.world > 1 else None)
+    """The case as a simulator layout. The runtime's tensor parallelism has no sequence parallelism
+    (every TP rank holds all tokens outside the TP regions), so neither has the layout."""
+    dp = c.world // c.tp  # EP splits the experts among data-parallel (and, extended, TP) ranks
+    ep_size = c.ep * c.tp if c.tp_extend_ep else c.ep
+    return Layout(tp=c.tp, pp=1, ep=c.ep, tp_extend_ep=c.tp_extend_ep, sequence_parallel=False,
+                  micro_batch_size=c.micro_batch_size, global_batch_size=c.micro_batch_size * c.grad_accum * dp,
+                  seq_len=c.seq_len, recompute="none", dispatcher=c.dispatcher if ep_size > 1 else "local",
+                  zero1=c.zero1, devices_per_node=min(c.devices_per_node, c.world) if c.world > 1 else None)
 
 
 def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
@@ -123,7 +128,8 @@ def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
                   "seq_len": c.seq_len, "dtype": "fp32", "device": "cpu", "warmup_steps": 1, "log_interval": 1,
                   "eval_batches": 1, "out_dir": str(out_dir), "tensorboard": False, "progress": False},
         "data": {"path": "embedded", "tokenizer": "byte", "cache_dir": str(ROOT / "data")},
-        "parallel": {"ep": c.ep, "dispatcher": c.dispatcher if c.ep > 1 else "local",
+        "parallel": {"tp": c.tp, "tp_extend_ep": c.tp_extend_ep, "ep": c.ep,
+                     "dispatcher": c.dispatcher if (c.ep * c.tp if c.tp_extend_ep else c.ep) > 1 else "local",
                      "devices_per_node": min(c.devices_per_node, c.world), "zero1": c.zero1},
     }
 
@@ -215,7 +221,8 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
         # use the one the run produced (1.0 without expert parallelism).
         imb = meas.get("ep_imbalance", 1.0)
         pred = predict(cfg.model, hw, c, imbalance=imb)
-        row = {"case": c.name, "world": c.world, "ep": c.ep, "dispatcher": c.dispatcher,
+        row = {"case": c.name, "world": c.world, "tp": c.tp, "ep": c.ep * c.tp if c.tp_extend_ep else c.ep,
+               "dispatcher": c.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
                "ep_imbalance": imb, "predicted_s": pred["step_time_s"]}
         if "error" in meas:

@@ -4,6 +4,7 @@ incompatible checkpoints (with fallback to the previous good one where asked).""
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 import pickle
@@ -72,6 +73,18 @@ def test_resume_is_bitwise_exact(tmp_path, data_dir, uninterrupted):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     assert run(r, log=False) == []  # finished: nothing to do
+
+
+def test_resumed_run_keeps_earlier_metrics(tmp_path, data_dir):
+    r = recipe(tmp_path / "run", data_dir)
+    run(r, stop_after=3, progress=False)
+    log = tmp_path / "run" / "metrics.jsonl"
+    with log.open("a") as f:  # a record past the checkpoint, then one cut short by a crash
+        f.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + '{"step": 5, "lo')
+    run(r, progress=False)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all(json.loads(line).get("loss") != 9.9 for line in log.read_text().splitlines())
 
 
 def _model_and_opt(seed: int = 0, **over):
@@ -262,3 +275,43 @@ def test_resume_choices(tmp_path):
 
 
 
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_ensure_state_creates_only_missing_state_and_changes_nothing(fused):
+    from launch.checkpoint_state import ensure_state
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.1, fused=fused)
+    a.grad = torch.randn(3)
+    opt.step()  # `a` has state, `b` none (it had no gradient)
+    opt.zero_grad()
+    before = {k: v.clone() for k, v in opt.state[a].items()}
+    pa, pb = a.detach().clone(), b.detach().clone()
+    ensure_state(opt)
+    assert all(torch.equal(opt.state[a][k], before[k]) for k in before)
+    assert torch.equal(a, pa) and torch.equal(b, pb) and float(opt.state[b]["step"]) == 0
+    assert opt.param_groups[0]["lr"] == 0.1 and a.grad is None and b.grad is None
+    b.grad = torch.ones(2, 2)
+    opt.step()
+    fresh = torch.nn.Parameter(pb.clone())
+    ref = torch.optim.AdamW([fresh], lr=0.1, weight_decay=0.1, fused=fused)
+    fresh.grad = torch.ones(2, 2)
+    ref.step()
+    assert torch.equal(fresh, b), "a step after ensure_state must equal a first step on a fresh optimizer"
+
+
+def test_flat_ranges_become_contiguous_rectangles():
+    from launch.checkpoint_state import flat_range_blocks
+    for shape in [(7,), (3, 5), (2, 3, 4)]:
+        n = math.prod(shape)
+        full = torch.arange(n).view(shape)
+        for a in range(n + 1):
+            for b in range(a, n + 1):
+                pos = a
+                blocks = flat_range_blocks(shape, a, b)
+                assert len(blocks) <= max(1, 2 * len(shape) - 1)
+                for offs, sizes in blocks:
+                    part = full[tuple(slice(o, o + z) for o, z in zip(offs, sizes))].reshape(-1)
+                    assert torch.equal(part, torch.arange(pos, pos + part.numel())), (shape, a, b, offs, sizes)
+                    pos += part.numel()
+                assert pos == b

@@ -134,12 +134,13 @@ def test_resume_under_other_layout(saved, world, par):
         _close(o["loss"], reference()["loss"][SAVE_AT:])
 
 
-def test_resume_in_one_process_with_the_reference_optimizer_state(saved):
+def _check_in_one_process(ckpt_dir: str, layout: dict) -> None:
+    """Load into one process: the layout is recorded, the optimizer moments equal the reference's,
+    and training continues with the reference's losses."""
     model = build()
     opt = adamw(model)
-    info = Checkpointer(CheckpointConfig(), saved[0], log=False).load(model, opt)
-    assert info["step"] == SAVE_AT and info["layout"] == {"tp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2,
-                                                         "zero1": True}
+    info = Checkpointer(CheckpointConfig(), ckpt_dir, log=False).load(model, opt)
+    assert info["step"] == SAVE_AT and info["layout"] == layout
     want = reference()["state"]
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
@@ -151,3 +152,20 @@ def test_resume_in_one_process_with_the_reference_optimizer_state(saved):
     losses = [step(model, opt, tokens, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP),
                    lambda x: x) for tokens in batches()[SAVE_AT:]]
     _close(losses, reference()["loss"][SAVE_AT:])
+
+
+def test_resume_in_one_process_with_the_reference_optimizer_state(saved):
+    _check_in_one_process(saved[0], {"tp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2, "zero1": True})
+
+
+LAYOUT_TP = {"tp": 2, "ep": 4, "etp": 1, "dp": 2, "edp": 1, "zero1": True}  # experts over ep x tp = 4 ranks
+
+
+def test_checkpoint_saved_under_tensor_parallelism_loads_in_one_process(tmp_path):
+    # tp 2 x ep 2 with TP-extend-EP: attention heads and dense MLP split over TP, experts over 4 ranks.
+    d = str(tmp_path / "ckpt")
+    par = dict(tp=2, ep=2, tp_extend_ep=True, dispatcher="alltoall", zero1=True)
+    out = run_distributed(_rank, 4, par, d, False, 0, SAVE_AT, timeout=240)
+    assert "layers.0.attn.wo.weight" in out[0]["split"]
+    _close(out[0]["loss"], reference()["loss"][:SAVE_AT])
+    _check_in_one_process(d, LAYOUT_TP)

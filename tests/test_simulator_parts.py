@@ -201,6 +201,15 @@ def test_activation_bytes_per_policy_by_hand():
     assert _per_token(moe, "none") == (180 + 200, 0)
 
 
+def test_sequence_parallel_shards_hidden_sized_activations():
+    cfg = tiny()
+    with_sp = sum(e for _, e, _, _, _ in M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0))
+    without = sum(e for _, e, _, _, _ in M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0, sp=1))
+    # six hidden-sized tensors (attention and MLP inputs, normed copies, post-norm inputs) of D=8:
+    # 4 values each per rank with sequence parallelism over 2 ranks, 8 without
+    assert without - with_sp == 6 * (8 - 4)
+
+
 def test_model_states_by_hand():
     st = M.state_bytes(dense=100, expert=40, dtype_bytes=2, dense_dp=4, expert_dp=2, zero1=True, offload=False)
     assert (st.weights, st.grads, st.optimizer) == (280, 560, 12 * (100 / 4 + 40 / 2))

@@ -135,6 +135,9 @@ def test_cli_estimate_search_and_errors(tmp_path, capsys):
 
 def test_yaml_configs_load():
     assert load_model_config(ROOT / "configs" / "models" / "pangu_ultra_moe_718b.yaml").num_layers == 61
-    for p in (ROOT / "configs" / "simulator").glob("*_*.yaml"):
-        if p.name != "validate_cpu.yaml":
+    from simulator.validate import load_validate_config
+    for p in (ROOT / "configs" / "simulator").glob("*.yaml"):
+        if p.name.startswith("validate"):
+            assert load_validate_config(p).cases
+        else:
             load_sim_recipe(p)
