@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/tiny_cpu  # each demo is a fresh run (its checkpoints would otherwise resume it)
 	$(BIN)/python -m launch.train --recipe configs/recipes/tiny_cpu.yaml
 
 test: $(STAMP)

@@ -238,9 +238,14 @@ class Checkpointer:
         a restart continues from those instead of going back to the start. A path inside this
         run's directory is an explicit roll-back and always wins."""
         resume = self.cfg.resume if resume is None else resume
-        if resume == "never":
-            return []
         own = [p for _, p in list_checkpoints(self.root)]
+        if resume == "never":
+            if own:  # a fresh run would interleave its checkpoints with an earlier run's
+                raise CheckpointError(
+                    f"checkpoint.resume: never, but {self.root} already holds checkpoints of an earlier run "
+                    f"(newest {own[0].name}); use another train.out_dir or checkpoint.dir, delete them, "
+                    "or continue that run with checkpoint.resume: auto")
+            return []
         if resume == "auto":
             return own
         path = Path(resume)

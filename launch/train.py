@@ -157,6 +157,9 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
     t = recipe.train
     rt = init_distributed(recipe)  # validates the parallel layout first; None for a single process
     device = resolve_device_type(t.device)
+    # Measured before anything else starts: on CPU the peak is a timing, and start-up work
+    # (dataset building, process groups) must not depress it.
+    peak = device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
     seed_everything(t.seed)
     model = build_model(recipe, device)
     if rt is not None:
@@ -178,7 +181,6 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
     out_dir = Path(t.out_dir)
     counts = param_counts(recipe.model)
     flops_per_token = model_flops_per_token(recipe.model, t.seq_len)
-    peak = device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
     tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum * dp
     show = (t.progress if progress is None else progress) and (rt is None or rt.is_main)
     if log:
@@ -234,7 +236,7 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
         return history
     history[-1]["eval_loss"] = final_eval
     if log:
-        _summarise(history, out_dir, peak.source)
+        _summarise(history, out_dir, peak)
     return history
 
 
@@ -242,10 +244,11 @@ def _progress(total: int, show: bool, initial: int = 0):
     if not show:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+                mininterval=1.0)
 
 
-def _summarise(history: list[dict], out_dir: Path, peak_source: str) -> None:
+def _summarise(history: list[dict], out_dir: Path, peak) -> None:
     first = history[0]["lm_loss"]
     tail = history[-min(10, len(history)):]
     last = sum(h["lm_loss"] for h in tail) / len(tail)
@@ -253,12 +256,13 @@ def _summarise(history: list[dict], out_dir: Path, peak_source: str) -> None:
         "steps": len(history), "first_loss": first, "final_loss_mean_last10": last,
         "final_eval_loss": history[-1]["eval_loss"],
         "median_tokens_per_s": float(np.median([h["tokens_per_s"] for h in history])),
-        "median_mfu": float(np.median([h["mfu"] for h in history])), "mfu_peak": peak_source,
+        "median_mfu": float(np.median([h["mfu"] for h in history])), "mfu_peak": peak.source,
+        "mfu_peak_flops_per_s": peak.flops_per_s,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"loss: first step {first:.4f} -> last {len(tail)} steps mean {last:.4f} "
           f"(eval {summary['final_eval_loss']:.4f}); median {summary['median_tokens_per_s']:.0f} tokens/s, "
-          f"MFU {100 * summary['median_mfu']:.1f}% of {peak_source}")
+          f"MFU {100 * summary['median_mfu']:.1f}% of {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})")
     print(f"metrics: {out_dir / 'metrics.jsonl'}, TensorBoard: {out_dir / 'tensorboard'}")
 
 

@@ -46,7 +46,7 @@ class Peak:
     source: str  # "quoted: <device>" or "measured: <how>"
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> Peak:
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0) -> Peak:
     """Best observed square-matmul throughput on this CPU: the honest MFU denominator when no
     vendor peak exists."""
     a = torch.randn(size, size, dtype=dtype)

@@ -63,7 +63,8 @@ class _Bucket:
 
 class ZeroOptimizer:
     """Drop-in for the wrapped optimizer in the training loop: `param_groups` (set the lr there),
-    `step()`, `zero_grad()`. Checkpointing of the sharded state is not implemented yet."""
+    `step()`, `zero_grad()`. launch/checkpoint_state.py saves the shards at full shape and reads the
+    bucket internals (`buckets`, `inner`, `lo`, `hi`, `params`, `shard`): change both together."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, meshes: Meshes,
                  expert_param_names: list[str]):

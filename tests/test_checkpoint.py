@@ -4,6 +4,7 @@ incompatible checkpoints (with fallback to the previous good one where asked).""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import math
 import json
 import os
@@ -73,6 +74,15 @@ def test_resume_is_bitwise_exact(tmp_path, data_dir, uninterrupted):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     assert run(r, log=False) == []  # finished: nothing to do
+
+
+def test_fresh_run_refuses_a_directory_with_earlier_checkpoints(tmp_path, data_dir):
+    r = recipe(tmp_path / "run", data_dir, steps=2)
+    run(r, log=False)
+    fresh = replace(r, checkpoint=replace(r.checkpoint, resume="never"))
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume: never, but .* already holds checkpoints of an "
+                                              r"earlier run \(newest step-00000002\)"):
+        run(fresh, log=False)
 
 
 def test_resumed_run_keeps_earlier_metrics(tmp_path, data_dir):
@@ -256,7 +266,8 @@ def test_interruption_between_rename_and_pointer(tmp_path, monkeypatch):
 def test_resume_choices(tmp_path):
     ck, states = _saved(tmp_path, steps=(1, 2, 3), keep_last=3)
     root = tmp_path / "ck"
-    assert _load(tmp_path, resume="never")[0] is None
+    with pytest.raises(CheckpointError, match="checkpoint.resume: never, but .* already holds checkpoints"):
+        _load(tmp_path, resume="never")  # a fresh run must not mix its checkpoints with these
     assert _load(tmp_path, resume=str(root / "step-00000002"))[0]["step"] == 2
     assert _load(tmp_path, resume=str(root))[0]["step"] == 3
     with pytest.raises(CheckpointError, match="checkpoint.resume: .*nowhere does not exist"):
@@ -272,8 +283,6 @@ def test_resume_choices(tmp_path):
     assert other.load(model, opt)["step"] == 1 and other.last_loaded == root / "step-00000001"
     other.save(5, model, opt, {"tokens": 5})
     assert other.load(model, opt)["step"] == 5  # a restart of the new run: its own checkpoint
-
-
 
 
 

@@ -162,20 +162,3 @@ def test_bad_tp_layout_is_one_clear_error(par, world, model, message):
     with pytest.raises(ConfigError) as e:
         validate_layout(ParallelConfig(**par), ModelConfig(**model), world)
     assert str(e.value).startswith(message), str(e.value)
-
-
-def test_tp_with_checkpoints_fails_before_any_process_group(monkeypatch):
-    """Checkpoints cannot record TP shards yet: a tp > 1 run that would save or load one is refused."""
-    import torch.distributed as dist
-
-    from launch import distributed
-    from launch.recipe import Recipe
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("init_process_group must not be reached")
-    monkeypatch.setattr(dist, "init_process_group", forbidden)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ConfigError, match="parallel.tp: checkpoints cannot record tensor-parallel shards yet"):
-        distributed.init_distributed(Recipe(parallel=ParallelConfig(tp=2)))
-    assert not dist.is_initialized()
