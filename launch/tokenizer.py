@@ -46,7 +46,25 @@ class TokenizerError(ValueError):
     """A tokenizer spec or file cannot be used. The message says what to do instead."""
 
 
-class ByteTokenizer:
+class _MegatronNames:
+    """The legacy Megatron tokenizer names, derived from `encode`, `decode`, `eod` and `vocab`."""
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.decode(ids)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {v: k for k, v in self.vocab.items()}
+
+
+class ByteTokenizer(_MegatronNames):
     """UTF-8 bytes as tokens; id 255 (never a UTF-8 byte) is end-of-document. vocab_size = 256."""
 
     EOD = 0xFF
@@ -62,10 +80,6 @@ class ByteTokenizer:
 
     @property
     def eod(self) -> int:
-        return self.EOD
-
-    @property
-    def eos(self) -> int:
         return self.EOD
 
     @property
@@ -85,22 +99,11 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if int(i) != self.EOD)
         return data.decode("utf-8", errors="replace")
 
-    # Names used by Megatron's legacy tokenizer interface.
-    def tokenize(self, text: str) -> list[int]:
-        return self.encode(text)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.decode(ids)
-
     @property
     def vocab(self) -> dict[str, int]:
         table = {bytes([i]).decode("latin-1"): i for i in range(255)}
         table["<eod>"] = self.EOD
         return table
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {v: k for k, v in self.vocab.items()}
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=256, eod=255)"
@@ -130,7 +133,7 @@ def _import_tokenizers():
     return tokenizers
 
 
-class HFTokenizer:
+class HFTokenizer(_MegatronNames):
     """A local Hugging Face `tokenizer.json` (needs `pip install tokenizers`).
 
     Texts are encoded without the tokenizer's own special tokens (no automatic BOS): document
@@ -176,10 +179,6 @@ class HFTokenizer:
         return self._eod
 
     @property
-    def eos(self) -> int:
-        return self._eod
-
-    @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
@@ -193,19 +192,9 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.encode(text)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.decode(ids)
-
     @property
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {v: k for k, v in self.vocab.items()}
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self._vocab_size}, eod={self._eod})"
