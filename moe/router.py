@@ -46,11 +46,12 @@ def balance_loss(scores_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_exper
                  counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_i f_i * P_i with f_i = E * count_i / (K * T) and P_i the mean normalised score of expert i.
 
-    Uniform routing gives 1. `counts_E` overrides the local counts (e.g. counts summed over a group,
+    `expert_idx_TK` is the routing's selection (no dropped -1 entries). Uniform routing gives 1.
+    `counts_E` overrides the local counts (e.g. counts summed over a group,
     with T*K summed likewise: the caller passes counts already scaled to this rank's T*K)."""
     t, k = expert_idx_TK.shape
     if counts_E is None:
-        counts_E = torch.bincount(expert_idx_TK.clamp(min=0).flatten(), minlength=num_experts).float()
+        counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=num_experts).float()
     f_E = counts_E.float() * num_experts / (k * t)
     probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=1e-20)
     p_E = probs_TE.mean(0)
@@ -87,16 +88,17 @@ class Router(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
         weights_TK = weights_TK * cfg.routed_scaling_factor
 
+        # The balance loss steers what routing chooses, so it sees the selection before dropping.
+        aux = self._aux_loss(scores_TE, expert_idx_TK, seq_len) if cfg.aux_loss_coeff > 0 and self.training \
+            else scores_TE.new_zeros(())
+        z = (torch.logsumexp(logits_TE, -1) ** 2).mean() if cfg.z_loss_coeff > 0 and self.training \
+            else scores_TE.new_zeros(())
         if cfg.capacity_factor is not None:
             expert_idx_TK = self._drop_over_capacity(expert_idx_TK)
 
         counts_E = torch.bincount(expert_idx_TK[expert_idx_TK >= 0], minlength=cfg.num_experts)
         if self.training and cfg.expert_bias:
             self.load_since_update += counts_E.float()
-        aux = self._aux_loss(scores_TE, expert_idx_TK, seq_len) if cfg.aux_loss_coeff > 0 and self.training \
-            else scores_TE.new_zeros(())
-        z = (torch.logsumexp(logits_TE, -1) ** 2).mean() if cfg.z_loss_coeff > 0 and self.training \
-            else scores_TE.new_zeros(())
         return Routing(expert_idx_TK, weights_TK, counts_E, aux * cfg.aux_loss_coeff, z * cfg.z_loss_coeff)
 
     def _drop_over_capacity(self, expert_idx_TK: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class Router(nn.Module):
                        for s, i in zip(scores_TE.split(seq_len), expert_idx_TK.split(seq_len))]
             return torch.stack(per_seq).mean()
         if scope == "group" and self.stats_reducer is not None:
-            local = torch.bincount(expert_idx_TK.clamp(min=0).flatten(), minlength=cfg.num_experts).float()
+            local = torch.bincount(expert_idx_TK.flatten(), minlength=cfg.num_experts).float()
             total = self.stats_reducer(local.clone())
             # Rescale group counts to this rank's T*K so f_i keeps its meaning (uniform -> 1).
             scaled = total * (local.sum() / total.sum().clamp(min=1))

@@ -143,3 +143,19 @@ def test_router_runs_in_fp32_under_bf16_input(tiny_cfg):
     r = make_router(tiny_cfg)
     out = r(torch.randn(5, tiny_cfg.hidden_size, dtype=torch.bfloat16))
     assert out.weights_TK.dtype == torch.float32
+
+
+def test_balance_loss_counts_the_selection_not_the_drops(tiny_cfg):
+    # Every token picks expert 5; capacity keeps 2 of 16. The balance loss must see 16 picks of
+    # expert 5 (what routing chose), not 2 of expert 5 plus 14 dropped ones charged to anyone.
+    r = make_router(tiny_cfg, top_k=1, num_experts=8, capacity_factor=1.0, aux_loss_coeff=1.0)
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[5, 0] = 1.0
+    x = torch.zeros(16, tiny_cfg.hidden_size)
+    x[:, 0] = 1.0
+    out = r(x)
+    assert (out.expert_idx_TK == -1).sum() == 14
+    scores = torch.softmax(x @ r.weight.T, -1)
+    expected = balance_loss(scores, torch.full((16, 1), 5), 8)
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
