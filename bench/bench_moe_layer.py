@@ -57,13 +57,20 @@ def time_pair(step_ref, step_fast, repeats: int, warmup: int) -> tuple[list[floa
     return t_ref, t_fast
 
 
-def bench_ffn(args, dtype: torch.dtype):
-    gen = torch.Generator().manual_seed(0)
+def make_inputs(args, dtype: torch.dtype, gen: torch.Generator):
+    """Tokens, routing and the first expert stack, shared by the whole-FFN and per-stage timings."""
     T, D, E, K, Fd = args.tokens, args.hidden, args.experts, args.topk, args.ffn
     x_TD = torch.randn(T, D, generator=gen).to(dtype).requires_grad_()
     idx_TK, weights_TK = make_routing(T, E, K, gen)
     weights_TK.requires_grad_()
     w1 = (torch.randn(E, D, Fd, generator=gen) * 0.05).to(dtype).requires_grad_()
+    return x_TD, idx_TK, weights_TK, w1
+
+
+def bench_ffn(args, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    T, D, E, K, Fd = args.tokens, args.hidden, args.experts, args.topk, args.ffn
+    x_TD, idx_TK, weights_TK, w1 = make_inputs(args, dtype, gen)
     w3 = (torch.randn(E, D, Fd, generator=gen) * 0.05).to(dtype).requires_grad_()
     w2 = (torch.randn(E, Fd, D, generator=gen) * 0.05).to(dtype).requires_grad_()
     grad_TD = torch.randn(T, D, generator=gen)
@@ -92,10 +99,7 @@ def bench_stages(args, dtype: torch.dtype):
     """Each stage alone, forward + backward, so the whole-FFN ratio can be attributed."""
     gen = torch.Generator().manual_seed(0)
     T, D, E, K, Fd = args.tokens, args.hidden, args.experts, args.topk, args.ffn
-    x_TD = torch.randn(T, D, generator=gen).to(dtype).requires_grad_()
-    idx_TK, weights_TK = make_routing(T, E, K, gen)
-    weights_TK.requires_grad_()
-    w1 = (torch.randn(E, D, Fd, generator=gen) * 0.05).to(dtype).requires_grad_()
+    x_TD, idx_TK, weights_TK, w1 = make_inputs(args, dtype, gen)
     ref, fast = kernels.get_kernels("reference"), kernels.get_kernels("fast")
     x_ND, counts_E, state = fast.permute(x_TD.detach(), idx_TK, E)
     x_ND.requires_grad_()

@@ -5,7 +5,7 @@
   `BlendedMegatronDatasetBuilder` and `GPTDataset`, so samples are drawn exactly as Megatron draws
   them (same document/sample/shuffle indices for the same seed, sequence length and split).
 * `ensure_embedded_dataset` builds the built-in synthetic corpus once per directory and reuses it.
-* `batch_iterator` turns a dataset into micro-batches; its position is a global sample index so a
+* `BatchIterator` turns a dataset into micro-batches; its position is a global sample index so a
   checkpoint can resume exactly, on any data-parallel layout with the same global batch.
 
 Tested with megatron-core 0.16.1 on CPU (torch.distributed initialised or not). Quirks handled here:
@@ -38,7 +38,6 @@ __all__ = [
     "DEFAULT_EMBEDDED_SEED",
     "Datasets",
     "BatchIterator",
-    "batch_iterator",
     "build_datasets",
     "ensure_embedded_dataset",
     "file_lock",
@@ -283,18 +282,3 @@ class BatchIterator:
 
     def load_state_dict(self, state: dict) -> None:
         self.next_sample = int(state["next_sample"])
-
-
-def batch_iterator(
-    dataset,
-    micro_batch_size: int,
-    start_sample: int = 0,
-    rank: int = 0,
-    world: int = 1,
-    loop: bool = True,
-) -> BatchIterator:
-    """Yield dict(tokens=LongTensor[B, S], labels=LongTensor[B, S], loss_mask=FloatTensor[B, S]).
-
-    See BatchIterator for the ordering, data-parallel slicing and resume (`.next_sample`).
-    """
-    return BatchIterator(dataset, micro_batch_size, start_sample, rank, world, loop)

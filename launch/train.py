@@ -66,7 +66,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
 
 def build_data(recipe: Recipe, rank: int = 0, world: int = 1, start_sample: int = 0):
     """Train iterator and a function returning a fresh validation iterator."""
-    from launch.data import batch_iterator, build_datasets, ensure_embedded_dataset
+    from launch.data import BatchIterator, build_datasets, ensure_embedded_dataset
     from launch.tokenizer import load_tokenizer
     t, d = recipe.train, recipe.data
     tokenizer = load_tokenizer(d.tokenizer)
@@ -78,8 +78,8 @@ def build_data(recipe: Recipe, rank: int = 0, world: int = 1, start_sample: int 
     train_ds, valid_ds = build_datasets(
         prefix, t.seq_len, {"train": samples_per_step * t.steps, "valid": t.micro_batch_size * t.eval_batches * world},
         seed=t.seed, tokenizer=tokenizer, cache_dir=d.cache_dir)
-    train_it = batch_iterator(train_ds, t.micro_batch_size, start_sample=start_sample, rank=rank, world=world)
-    return train_it, (lambda: batch_iterator(valid_ds, t.micro_batch_size, rank=rank, world=world))
+    train_it = BatchIterator(train_ds, t.micro_batch_size, start_sample=start_sample, rank=rank, world=world)
+    return train_it, (lambda: BatchIterator(valid_ds, t.micro_batch_size, rank=rank, world=world))
 
 
 def _autocast(device: str, dtype: str):

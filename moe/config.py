@@ -46,12 +46,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: got {value!r}; allowed: {_type_name(tp)}")
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -17,7 +17,7 @@ import torch
 
 from launch import prepare_data
 from launch.corpus import build_embedded_corpus, write_embedded_jsonl
-from launch.data import batch_iterator, build_datasets, ensure_embedded_dataset
+from launch.data import BatchIterator, build_datasets, ensure_embedded_dataset
 from launch.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,7 +321,7 @@ def test_build_datasets_errors(tmp_path, embedded_prefix):
 
 def test_batch_iterator_resume_and_data_parallel(embedded_prefix):
     train, valid = build_datasets(embedded_prefix, 16, {"train": 64, "valid": 8}, seed=1)
-    it = batch_iterator(train, micro_batch_size=2)
+    it = BatchIterator(train, micro_batch_size=2)
     batches = [next(it) for _ in range(5)]
     assert it.next_sample == 10
     b = batches[0]
@@ -331,13 +331,13 @@ def test_batch_iterator_resume_and_data_parallel(embedded_prefix):
     assert torch.equal(b["tokens"][:, 1:], b["labels"][:, :-1])
 
     # Resume from a saved position gives exactly the batches that followed.
-    resumed = batch_iterator(train, 2, start_sample=6)
+    resumed = BatchIterator(train, 2, start_sample=6)
     for expected in batches[3:]:
         got = next(resumed)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
 
     # Data-parallel ranks together see the single-process batch of micro_batch * world samples.
-    ranks = [batch_iterator(train, 1, rank=r, world=2) for r in range(2)]
+    ranks = [BatchIterator(train, 1, rank=r, world=2) for r in range(2)]
     for expected in batches[:3]:
         parts = [next(r) for r in ranks]
         assert torch.equal(torch.cat([p["tokens"] for p in parts]), expected["tokens"])
@@ -345,9 +345,9 @@ def test_batch_iterator_resume_and_data_parallel(embedded_prefix):
 
     # loop=False stops before an incomplete batch; loop=True wraps around deterministically.
     n = len(valid)
-    finite = list(batch_iterator(valid, 3, loop=False))
+    finite = list(BatchIterator(valid, 3, loop=False))
     assert len(finite) == n // 3
-    wrap = batch_iterator(valid, 3, start_sample=n - 1)
+    wrap = BatchIterator(valid, 3, start_sample=n - 1)
     assert torch.equal(next(wrap)["tokens"][1], valid[0]["tokens"])
     with pytest.raises(ValueError, match="rank < world"):
-        batch_iterator(train, 2, rank=2, world=2)
+        BatchIterator(train, 2, rank=2, world=2)
