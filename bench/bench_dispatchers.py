@@ -108,7 +108,7 @@ def main() -> None:
           f"{args.devices_per_node}; per rank {args.batch}x{args.seq} tokens, D={args.hidden}, "
           f"E={args.experts}, top-{args.topk}, 2 MoE layers; medians of {args.steps} steps")
     base = statistics.median(t for t, *_ in results[0][1])
-    print(f"| dispatcher | step time | vs alltoall | intra-node MB/step | inter-node MB/step | "
+    print("| dispatcher | step time | vs alltoall | intra-node MB/step | inter-node MB/step | "
           f"EP recv max/mean |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, rows in results:

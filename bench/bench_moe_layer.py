@@ -69,7 +69,7 @@ def make_inputs(args, dtype: torch.dtype, gen: torch.Generator):
 
 def bench_ffn(args, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
-    T, D, E, K, Fd = args.tokens, args.hidden, args.experts, args.topk, args.ffn
+    T, D, E, Fd = args.tokens, args.hidden, args.experts, args.ffn
     x_TD, idx_TK, weights_TK, w1 = make_inputs(args, dtype, gen)
     w3 = (torch.randn(E, D, Fd, generator=gen) * 0.05).to(dtype).requires_grad_()
     w2 = (torch.randn(E, Fd, D, generator=gen) * 0.05).to(dtype).requires_grad_()
@@ -98,7 +98,7 @@ def bench_ffn(args, dtype: torch.dtype):
 def bench_stages(args, dtype: torch.dtype):
     """Each stage alone, forward + backward, so the whole-FFN ratio can be attributed."""
     gen = torch.Generator().manual_seed(0)
-    T, D, E, K, Fd = args.tokens, args.hidden, args.experts, args.topk, args.ffn
+    T, D, E, Fd = args.tokens, args.hidden, args.experts, args.ffn
     x_TD, idx_TK, weights_TK, w1 = make_inputs(args, dtype, gen)
     ref, fast = kernels.get_kernels("reference"), kernels.get_kernels("fast")
     x_ND, counts_E, state = fast.permute(x_TD.detach(), idx_TK, E)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 

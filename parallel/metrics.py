@@ -5,7 +5,6 @@ the per-expert load the router reports."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from parallel.comm import CommStats, all_gather_single
 from parallel.mesh import Meshes

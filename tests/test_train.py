@@ -52,7 +52,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         opt = build_optimizer(model, t)
         opt.step = lambda: None  # keep the gradients for comparison
         opt.zero_grad = lambda set_to_none=True: None
-        m = train_step(model, opt, iter(batches), t, "cpu")
+        train_step(model, opt, iter(batches), t, "cpu")
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
