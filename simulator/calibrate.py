@@ -9,7 +9,10 @@ Measures, with the same PyTorch the trainer uses:
 - memory bandwidth (a large element-wise add) and the fixed cost of one operator under autograd
   (a chain of tiny ops, forward and backward);
 - the project's element-wise operators and the optimizer step (`opbench.py`);
-- how much ranks running at once slow one another's compute on this machine;
+- how much ranks running at once slow one another on this machine, and the speed probe's baseline
+  (`probe.py`), which `validate` compares with the machine's speed during each case;
+- one real training step of a small held-out model (`CALIBRATION_MODEL`), whose measured over
+  modelled time is the profile's `step_correction`: what isolated operator timings miss;
 - gloo collectives (all-reduce, all-gather, all-to-all) at world sizes up to the core count, spawned
   with torch.multiprocessing; bandwidth and per-step latency are fitted to the step and byte counts of
   `comm.py`, so prediction and measurement use the same formulas.
@@ -31,6 +34,7 @@ import yaml
 from simulator.comm import all_gather, all_reduce, all_to_all
 from simulator.hardware import HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, linear_fwd_bwd, optimizer_cost, timed
+from simulator.probe import SpeedProbe
 
 DEFAULT_OUT = HARDWARE_DIR / "cpu_calibrated.yaml"
 
@@ -166,33 +170,25 @@ def measure_collectives(worlds=None, sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> li
     return out
 
 
-_CONCURRENCY_SHAPES = ((512, 256, 512), (2048, 256, 256), (256, 1024, 1024))
-
-
-def fresh_tensor_op(elems: int = 2**22) -> float:
-    """Seconds for an element-wise op whose output is a fresh tensor far larger than cache, as
-    eager training allocates them: memory traffic plus the page faults of a new allocation."""
-    x = torch.randn(elems)
-    return timed(lambda: x * 1.0001, min_s=0.05)
-
-
 def _concurrency_worker(barrier, queue) -> None:
     torch.set_num_threads(1)
-    barrier.wait()
-    compute = [linear_fwd_bwd(m, k, n) for m, k, n in _CONCURRENCY_SHAPES]
-    barrier.wait()
-    queue.put((compute, fresh_tensor_op()))
+    probe = SpeedProbe()
+    probe.run()
+    samples = []
+    for _ in range(5):
+        barrier.wait()  # the ranks probe together, as they train together
+        samples.append(probe.run())
+    queue.put(samples)
 
 
-def measure_concurrency(worlds=(2,)) -> dict[int, list[float]]:
+def measure_concurrency(worlds=(2,)) -> tuple[dict[int, float], list[float]]:
     """How much ranks running at once on this machine slow one another (shared caches, memory
-    bandwidth, page-fault handling, the hypervisor's cores): w -> [compute factor, memory factor],
-    the slowest rank's time at w ranks over the time alone, for cache-resident linear layers
-    (geometric mean over a few shapes) and for `fresh_tensor_op`. Separate processes,
-    so the measurement sees what torchrun's ranks see."""
+    bandwidth, the hypervisor's cores): w -> the slowest rank's speed probe (`probe.py`) at w ranks
+    over the probe alone (medians of 5), in separate processes as torchrun's ranks are. Also returns
+    the probe samples taken alone, which the profile's baseline includes."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
-    res = {}
+    res, alone = {}, []
     for w in (1, *worlds):
         barrier, queue = ctx.Barrier(w), ctx.SimpleQueue()
         procs = [ctx.Process(target=_concurrency_worker, args=(barrier, queue)) for _ in range(w)]
@@ -201,10 +197,10 @@ def measure_concurrency(worlds=(2,)) -> dict[int, list[float]]:
         out = [queue.get() for _ in procs]
         for p in procs:
             p.join(timeout=60)
-        res[w] = ([max(col) for col in zip(*(c for c, _ in out))], max(t for _, t in out))
-    base_c, base_m = res[1]
-    return {w: [float(statistics.geometric_mean([c / a for c, a in zip(res[w][0], base_c)])), res[w][1] / base_m]
-            for w in worlds}
+        res[w] = statistics.median(max(col) for col in zip(*out))
+        if w == 1:
+            alone = out[0]
+    return {w: res[w] / res[1] for w in worlds}, alone
 
 
 def fit_link(samples: list[tuple]) -> tuple[Link, float]:
@@ -234,6 +230,37 @@ def fit_link(samples: list[tuple]) -> tuple[Link, float]:
     return Link(bandwidth_gbps=1 / inv_bw / 1e9, latency_us=lat * 1e6), rms
 
 
+# The held-out model whose real training step calibrates `step_correction`: a small MoE unlike
+# `configs/simulator/validate_cpu.yaml` (narrower, 3 layers, 4 sigmoid-routed experts, no MTP).
+CALIBRATION_MODEL = {
+    "vocab_size": 256, "hidden_size": 128, "num_layers": 3, "max_seq_len": 128, "attention": "mla",
+    "num_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 48, "qk_nope_head_dim": 24, "qk_rope_head_dim": 8,
+    "v_head_dim": 24, "dense_ffn_size": 384, "first_k_dense": 1, "num_experts": 4, "top_k": 2,
+    "expert_ffn_size": 160, "num_shared_experts": 1, "score_func": "sigmoid", "mtp_layers": 0,
+}
+
+
+def measure_step_correction(prof: HardwareProfile) -> tuple[float, float, float]:
+    """Train `CALIBRATION_MODEL` for a few steps in one process (as `validate` runs a case) and
+    return (measured / modelled step time at the probe's speed, measured s, modelled s). The
+    microbenchmarks time each operator in isolation; a real step also pays for what they miss
+    (Python and autograd around the modules, the allocator under a step's live tensors)."""
+    import tempfile
+    from dataclasses import replace
+
+    from moe.config import ModelConfig, from_dict
+    from simulator.validate import Case, measure, predict
+    model = from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
+    case = Case(name="calibration-step", micro_batch_size=4, seq_len=96)
+    with tempfile.TemporaryDirectory(prefix="simcalibrate-") as d:
+        meas = measure(model, case, steps=9, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
+    if "error" in meas:
+        raise RuntimeError(f"calibration training step failed: {meas['error']}")
+    bare = replace(prof, step_correction=1.0)
+    modelled = predict(model, bare, case, slowdown=meas["probe_s"] / prof.speed_probe)["step_time_s"]
+    return meas["step_time_s"] / modelled, meas["step_time_s"], modelled
+
+
 def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: bool = True, threads: int = 1,
               log: Callable[[str], None] = print) -> HardwareProfile:
     """Measure and write a profile. One torch thread by default: on a shared machine a multi-threaded
@@ -250,12 +277,17 @@ def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: b
 def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> HardwareProfile:
     t_start = time.perf_counter()
     log(f"calibrating on {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads")
+    # the speed probe, taken between the measurements below: the baseline `validate` compares
+    # the machine's speed during each case with
+    probe = SpeedProbe()
+    probes = [probe.run()]
     mem_bw = measure_bandwidth()
     overhead = measure_op_overhead()
     log(f"  memory bandwidth {mem_bw / 1e9:.1f} GB/s, op overhead {overhead * 1e6:.1f} us")
     dims_m = [64, 256, 1024, 4096] if not quick else [64, 512, 2048]
     dims_kn = [64, 256, 1024] if not quick else [64, 512]
     samples = measure_linears(dims_m, dims_kn)
+    probes.append(probe.run())
     peak, eff, rms = fit_matmul(samples, mem_bw, overhead)
     log(f"  linear fwd+bwd over {len(samples)} shapes: fitted peak {peak / 1e9:.1f} GFLOP/s, half_dim "
         f"{eff.half_dim:.1f} (rms log error {rms:.2f})")
@@ -263,20 +295,25 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     log(f"  attention factor {eff.attention_factor:.2f}")
     router_gemm = lambda T: predict_linear(eff, peak, mem_bw, overhead, T, 256, 8)  # noqa: E731
     ops = eltwise_costs(router_gemm=router_gemm)
+    probes.append(probe.run())
     opt_cost = optimizer_cost()
+    probes.append(probe.run())
     log("  operators (fixed us, ns/element): " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.2f}" for k, v in ops.items()))
     log(f"  optimizer: {opt_cost[0]:.1f} us/tensor, {opt_cost[1]:.2f} ns/parameter")
     link, link_rms = Link(bandwidth_gbps=mem_bw / 1e9, latency_us=50.0), float("nan")
     coll = []
     concurrency = {}
     if collectives:
-        concurrency = measure_concurrency(rank_counts())
+        concurrency, alone = measure_concurrency(rank_counts())
+        probes += alone
         log("  concurrent ranks slow each other by: " + ", ".join(
-            f"{w} ranks x{c:.2f} compute, x{m:.2f} memory" for w, (c, m) in concurrency.items()))
+            f"x{f:.2f} at {w} ranks" for w, f in concurrency.items()))
         coll = measure_collectives(sizes=(64 * 2**10, 2**20) if quick else (64 * 2**10, 2**20, 8 * 2**20))
         link, link_rms = fit_link(coll)
         log(f"  gloo link: {link.bandwidth_gbps:.2f} GB/s, {link.latency_us:.0f} us per step "
             f"(rms log error {link_rms:.2f}, {len(coll)} samples)")
+    speed_probe = statistics.median(probes)
+    log(f"  speed probe: {speed_probe * 1e3:.2f} ms (median of {len(probes)})")
     mem_gb = _physical_memory_gb()
     prof = HardwareProfile(
         name="cpu_calibrated", device="cpu", peak_tflops={"fp32": peak / 1e12},
@@ -284,11 +321,15 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         intra_node=link, inter_node=Link(link.bandwidth_gbps, link.latency_us),
         host_link=Link(mem_bw / 1e9, 1.0), matmul=eff, host_memory_bandwidth_gbps=mem_bw / 1e9,
         op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4), cpu_threads=threads,
-        op_costs=ops, optimizer_cost=opt_cost, concurrency_slowdown=concurrency,
+        op_costs=ops, optimizer_cost=opt_cost, concurrency_slowdown=concurrency, speed_probe=speed_probe,
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))
     prof.validate("hardware")
+    prof.step_correction, measured, modelled = measure_step_correction(prof)
+    log(f"  training step of the calibration model: measured {measured * 1e3:.1f} ms, modelled "
+        f"{modelled * 1e3:.1f} ms: step correction x{prof.step_correction:.2f}")
+    prof.notes += f"; step correction {prof.step_correction:.3f} ({measured * 1e3:.1f} / {modelled * 1e3:.1f} ms)"
     write_profile(prof, out, samples, coll)
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return prof

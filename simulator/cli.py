@@ -151,11 +151,14 @@ def cmd_validate(args) -> int:
                           only=args.case)
     print()
     print(table(rows, ["case", "world", "tp", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
-                       "ep_imbalance", "predicted_s", "measured_s", "error_pct", "busy_median_s", "wall_s", "predicted_act_mb",
-                       "measured_act_mb", "act_error_pct", "note"]))
+                       "ep_imbalance", "machine_slowdown", "predicted_s", "measured_s", "error_pct",
+                       "calibration_only_s", "calibration_only_error_pct", "fastest_s", "wall_s",
+                       "predicted_act_mb", "measured_act_mb", "act_error_pct", "note"]))
     s = summarize(rows)
     print(f"\n{s['measured']} of {s['cases']} cases measured: median |error| {s['median_abs_error_pct']:.1f}%, "
           f"worst {s['max_abs_error_pct']:.1f}% (target <= 15% / <= 30%: {'PASS' if s['pass'] else 'FAIL'}); "
+          f"from the calibration alone, without the speed probe: median {s['calibration_only_median_abs_error_pct']:.1f}%, "
+          f"worst {s['calibration_only_max_abs_error_pct']:.1f}%; "
           f"activation memory median |error| "
           + (f"{s['median_abs_act_error_pct']:.1f}%" if s["median_abs_act_error_pct"] is not None else "n/a"))
     if args.out:

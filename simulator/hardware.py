@@ -92,8 +92,14 @@ class HardwareProfile:
     op_costs: dict[str, list[float]] = field(default_factory=dict)
     optimizer_cost: list[float] = field(default_factory=list)  # [us per tensor, ns per parameter]
     # CPU profiles: how much slower one rank runs while N ranks share the machine:
-    # N -> [compute factor, memory-bound factor]
-    concurrency_slowdown: dict[int, list[float]] = field(default_factory=dict)
+    # N -> factor (the speed probe at N ranks over alone)
+    concurrency_slowdown: dict[int, float] = field(default_factory=dict)
+    # CPU profiles: seconds of the speed probe (`simulator/probe.py`) at calibration (0: none);
+    # `validate` scales the compute-side rates by the probe's ratio to it during each case
+    speed_probe: float = 0.0
+    # CPU profiles: a training step of the calibration's own model as measured over as modelled
+    # (at the probe's speed); `validate` multiplies the compute-side costs by it
+    step_correction: float = 1.0
     notes: str = ""
 
     def validate(self, path: str = "") -> None:
@@ -119,6 +125,9 @@ class HardwareProfile:
                 raise ConfigError(f"{p}op_costs.{k}: expected [fixed_us, ns_per_element] (two numbers >= 0), got {v!r}")
         if self.optimizer_cost and not (len(self.optimizer_cost) == 2 and min(self.optimizer_cost) >= 0):
             raise ConfigError(f"{p}optimizer_cost: expected [us_per_tensor, ns_per_parameter], got {self.optimizer_cost}")
+        if self.speed_probe < 0 or self.step_correction <= 0:
+            raise ConfigError(f"{p}speed_probe/step_correction: must be >= 0 / > 0, got {self.speed_probe} / "
+                              f"{self.step_correction}; re-run `python -m simulator calibrate`")
         if self.reserved_memory_gb >= self.memory_gb:
             raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
                               f"memory_gb={self.memory_gb}")

@@ -3,19 +3,18 @@ step time and activation memory with the simulator's predictions from a calibrat
 
 Each case becomes a training recipe, run in fresh processes with the profile's torch thread count
 by `validate_worker.py`, which sets up the model, optimizer, data and (under torchrun) the parallel
-runtime exactly as `launch.train.run` does and calls its `train_step`. This machine is
-shared, and other jobs' time slices are not the trainer's cost: a step's *busy time* is its wall
-time less the time its ranks sat on a run queue while other processes held the cores (see
-`dedicated_step_time`). The measured step time is the fastest post-warm-up step's busy time:
-other jobs only ever add time, and the calibration's microbenchmarks take their fastest
-observation too, so prediction and measurement both describe cores of one's own. The median busy
-time and the median wall time are reported beside it.
+runtime exactly as `launch.train.run` does and calls its `train_step`. Other jobs' time slices
+are not the trainer's cost: a step's *busy time* is its wall time less the time its ranks sat on a
+run queue while other processes held the cores (see `dedicated_step_time`). The measured step
+time is the median post-warm-up step's busy time.
 
-Ranks of one case share this machine's cores, caches and memory bandwidth, unlike the devices of a
-cluster; the calibration measures how much concurrent ranks slow one another (linear layers and a
-memory-bound add run in N processes at once versus alone) and the profile's compute and bandwidth
-rates are divided by those factors for an N-rank case. They are properties of the machine, measured
-before and independently of the runs.
+This machine's speed drifts by more than the accuracy target (the same step measured 163 ms and
+207 ms a minute apart: other tenants of the host), and a case's ranks share its cores, caches and
+memory bandwidth, unlike the devices of a cluster. So after every step, on all ranks at once, the
+worker runs the speed probe (`probe.py`, fixed shapes, independent of the model under test) and
+the prediction uses the profile scaled by the probe's ratio to its calibration baseline: the
+simulator predicts the step on the machine as it was during the step. The prediction from the
+calibration alone (with its measured concurrency slowdown for N ranks) is reported beside it.
 """
 from __future__ import annotations
 
@@ -85,20 +84,27 @@ def case_layout(c: Case) -> Layout:
                   zero1=c.zero1, devices_per_node=min(c.devices_per_node, c.world) if c.world > 1 else None)
 
 
+def scaled_profile(hw: HardwareProfile, slowdown: float) -> HardwareProfile:
+    """The profile on a machine whose compute-side work (GEMMs, element-wise operators and their
+    fixed costs, memory traffic, the optimizer step) runs `slowdown` times as long, further scaled
+    by the profile's `step_correction`. Collective links are left as calibrated."""
+    f = slowdown * hw.step_correction
+    return replace(hw, peak_tflops={k: v / f for k, v in hw.peak_tflops.items()},
+                   memory_bandwidth_gbps=hw.memory_bandwidth_gbps / f, op_overhead_us=hw.op_overhead_us * f,
+                   op_costs={k: [a * f, b * f] for k, (a, b) in hw.op_costs.items()},
+                   optimizer_cost=[x * f for x in hw.optimizer_cost], step_correction=1.0)
+
+
 def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
-    """The profile as one rank of this case sees it: ranks running at once on one machine slow one
-    another (the calibrated `concurrency_slowdown`): compute rates and fixed costs scale by its
-    compute factor, bandwidth-bound costs by its memory factor (a factor below 1 is noise: clamped)."""
+    """The profile as one rank of this case sees it from the calibration alone: ranks running at
+    once on one machine slow one another by the calibrated `concurrency_slowdown` (a factor below 1
+    is noise: clamped)."""
     if c.world == 1:
-        return hw
+        return scaled_profile(hw, 1.0)
     if c.world not in hw.concurrency_slowdown:
         raise ConfigError(f"hardware.concurrency_slowdown: profile {hw.name!r} has no factor for {c.world} "
                           f"concurrent ranks (case {c.name}); re-run `python -m simulator calibrate`")
-    fc, fm = (max(1.0, x) for x in hw.concurrency_slowdown[c.world])
-    return replace(hw, peak_tflops={k: v / fc for k, v in hw.peak_tflops.items()},
-                   memory_bandwidth_gbps=hw.memory_bandwidth_gbps / fm, op_overhead_us=hw.op_overhead_us * fc,
-                   op_costs={k: [a * fc, b * fm] for k, (a, b) in hw.op_costs.items()},
-                   optimizer_cost=[hw.optimizer_cost[0] * fc, hw.optimizer_cost[1] * fm] if hw.optimizer_cost else [])
+    return scaled_profile(hw, max(1.0, hw.concurrency_slowdown[c.world]))
 
 
 def sim_options(imbalance: float = 1.0) -> SimOptions:
@@ -112,8 +118,12 @@ def sim_options(imbalance: float = 1.0) -> SimOptions:
                       expert_imbalance=max(1.0, imbalance))
 
 
-def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float = 1.0) -> dict:
-    sim = Simulator(model, case_profile(hw, c), c.world, sim_options(imbalance))
+def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float = 1.0,
+            slowdown: Optional[float] = None) -> dict:
+    """Step time and activation bytes of one case. `slowdown`: the machine's measured slowdown during
+    the case (the speed probe's ratio, concurrency included); without it, the calibration's."""
+    prof = scaled_profile(hw, slowdown) if slowdown else case_profile(hw, c)
+    sim = Simulator(model, prof, c.world, sim_options(imbalance))
     est = sim.estimate(case_layout(c))
     T = c.micro_batch_size * c.seq_len
     saved = est.memory["activations"]
@@ -137,7 +147,8 @@ def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
 def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, workdir: Path,
             timeout_s: float = 600.0) -> dict:
     """Run the trainer for one case (`validate_worker`, under torchrun for several ranks); return the
-    fastest post-warm-up step's busy time (of its slowest rank), with the median busy and wall times."""
+    median post-warm-up step's busy time (of its slowest rank), the median wall time, and the median
+    speed probe (of the slowest rank, seconds) around those steps."""
     out_dir = workdir / c.name
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -159,13 +170,21 @@ def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, 
         errs = [x for x in lines if "Error" in x] or lines
         return {"error": f"trainer exited {proc.returncode}: {errs[-1][:160]}"}
     ranks = [json.loads(p.read_text())["steps"] for p in sorted(out_dir.glob("steps.rank*.json"))]
-    if len(ranks) != c.world or any(len(r) <= warmup for r in ranks):
-        return {"error": f"expected {c.world} ranks with more than {warmup} steps"}
+    if len(ranks) != c.world or any(len(r) != steps for r in ranks):
+        return {"error": f"expected {c.world} ranks with {steps} steps each"}
+    return aggregate_steps(ranks, warmup)
+
+
+def aggregate_steps(ranks: list[list[dict]], warmup: int) -> dict:
+    """Per-rank step records (`validate_worker`) -> the case's measurement: per step the busy time
+    of the ranks together and the slowest rank's probe; medians over the steps after `warmup`."""
+    steps = len(ranks[0])
     imbalance = statistics.median(r[i].get("ep_imbalance", 1.0) for r in ranks for i in range(warmup, steps))
     busy = [dedicated_step_time([r[i] for r in ranks]) for i in range(warmup, steps)]
     wall = [max(r[i]["wall_s"] for r in ranks) for i in range(warmup, steps)]
-    return {"step_time_s": min(busy), "busy_median_s": statistics.median(busy), "wall_s": statistics.median(wall),
-            "steps": steps - warmup, "ep_imbalance": imbalance}
+    probe = statistics.median(max(r[i]["probe"] for r in ranks) for i in range(warmup, steps))
+    return {"step_time_s": statistics.median(busy), "fastest_s": min(busy), "wall_s": statistics.median(wall),
+            "steps": steps - warmup, "ep_imbalance": imbalance, "probe_s": probe}
 
 
 def dedicated_step_time(ranks: list[dict]) -> float:
@@ -212,6 +231,9 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
     cfg = load_validate_config(config)
     threads = max(1, hw.cpu_threads)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="simvalidate-"))
+    if not hw.speed_probe:
+        raise ConfigError(f"hardware.speed_probe: profile {hw.name!r} has no speed-probe baseline (calibrated "
+                          f"by an older version); re-run `python -m simulator calibrate`")
     rows = []
     for c in cfg.cases:
         if only and c.name not in only:
@@ -220,36 +242,50 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
         # The routing's load imbalance is an input of the cost model, not something it predicts:
         # use the one the run produced (1.0 without expert parallelism).
         imb = meas.get("ep_imbalance", 1.0)
-        pred = predict(cfg.model, hw, c, imbalance=imb)
+        raw = predict(cfg.model, hw, c, imbalance=imb)
         row = {"case": c.name, "world": c.world, "tp": c.tp, "ep": c.ep * c.tp if c.tp_extend_ep else c.ep,
                "dispatcher": c.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
-               "ep_imbalance": imb, "predicted_s": pred["step_time_s"]}
+               "ep_imbalance": imb}
         if "error" in meas:
-            row.update(measured_s=None, busy_median_s=None, wall_s=None, error_pct=None, note=meas["error"])
+            row.update(machine_slowdown=None, predicted_s=raw["step_time_s"], measured_s=None,
+                       error_pct=None, calibration_only_s=raw["step_time_s"], calibration_only_error_pct=None,
+                       fastest_s=None, wall_s=None, note=meas["error"])
         else:
-            row.update(measured_s=meas["step_time_s"], busy_median_s=meas["busy_median_s"], wall_s=meas["wall_s"],
-                       error_pct=100 * (pred["step_time_s"] - meas["step_time_s"]) / meas["step_time_s"], note="")
+            slowdown = meas["probe_s"] / hw.speed_probe
+            pred = predict(cfg.model, hw, c, imbalance=imb, slowdown=slowdown)
+            m = meas["step_time_s"]
+            row.update(machine_slowdown=slowdown, predicted_s=pred["step_time_s"],
+                       measured_s=m, error_pct=100 * (pred["step_time_s"] - m) / m,
+                       calibration_only_s=raw["step_time_s"],
+                       calibration_only_error_pct=100 * (raw["step_time_s"] - m) / m,
+                       fastest_s=meas["fastest_s"], wall_s=meas["wall_s"], note="")
         act = measure_activations(cfg.model, c)
-        row["predicted_act_mb"] = pred["activation_bytes"] / 2**20
+        row["predicted_act_mb"] = raw["activation_bytes"] / 2**20
         row["measured_act_mb"] = act / 2**20 if act is not None else None
-        row["act_error_pct"] = (100 * (pred["activation_bytes"] - act) / act) if act else None
+        row["act_error_pct"] = (100 * (raw["activation_bytes"] - act) / act) if act else None
         rows.append(row)
         log(_case_line(row))
     return rows
 
 
 def _case_line(r: dict) -> str:
-    meas = f"{r['measured_s']:.4f}" if r["measured_s"] is not None else "-"
-    err = f"{r['error_pct']:+.1f}%" if r["error_pct"] is not None else r["note"]
-    return f"  {r['case']:<22} predicted {r['predicted_s']:.4f} s, measured {meas} s: {err}"
+    if r["measured_s"] is None:
+        return f"  {r['case']:<22} predicted {r['predicted_s']:.4f} s, not measured: {r['note']}"
+    return (f"  {r['case']:<22} predicted {r['predicted_s']:.4f} s, measured {r['measured_s']:.4f} s: "
+            f"{r['error_pct']:+.1f}% (machine slowdown x{r['machine_slowdown']:.2f}; "
+            f"calibration alone {r['calibration_only_error_pct']:+.1f}%)")
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Pass/fail on the probe-corrected errors; the calibration-only errors are reported beside them."""
     errs = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
+    raw = [abs(r["calibration_only_error_pct"]) for r in rows if r["calibration_only_error_pct"] is not None]
     acts = [abs(r["act_error_pct"]) for r in rows if r["act_error_pct"] is not None]
     return {"cases": len(rows), "measured": len(errs),
             "median_abs_error_pct": statistics.median(errs) if errs else None,
             "max_abs_error_pct": max(errs) if errs else None,
+            "calibration_only_median_abs_error_pct": statistics.median(raw) if raw else None,
+            "calibration_only_max_abs_error_pct": max(raw) if raw else None,
             "median_abs_act_error_pct": statistics.median(acts) if acts else None,
             "pass": bool(errs) and statistics.median(errs) <= 15 and max(errs) <= 30}

@@ -4,7 +4,9 @@ set-up and step functions, as `launch.train.run` calls them, timed per step.
 Per step it records wall time, this thread's CPU time, and this thread's run-queue delay (time it
 was ready to run but another process held the core, from /proc/thread-self/schedstat). Busy time =
 wall - run-queue delay: what the step would take on cores of its own, waits for peers included.
-It also records the expert-parallel load imbalance the step's routing produced.
+It also records the expert-parallel load imbalance the step's routing produced, and after each
+step, outside the timed region and on all ranks at once, the speed probe (`probe.py`): how fast the
+machine ran around that step.
 
 Usage: python -m simulator.validate_worker RECIPE.yaml STEPS OUT_PREFIX   (writes OUT_PREFIX.rank<r>.json)
 """
@@ -71,6 +73,8 @@ def main(argv: list[str]) -> int:
     dp_rank, dp = (rt.dp_rank, rt.dp_size) if rt is not None else (0, 1)
     batches, _ = train.build_data(recipe, rank=dp_rank, world=dp)
     rank = rt.rank if rt is not None else 0
+    from simulator.probe import SpeedProbe
+    probe = SpeedProbe()
     rows = []
     try:
         for step in range(steps):
@@ -84,6 +88,9 @@ def main(argv: list[str]) -> int:
                          "busy_s": max(0.0, wall - delay),
                          "ep_imbalance": ep_imbalance(global_load(m.get("expert_load", []), rt),
                                                       recipe.parallel.expert_parallel)})
+            if rt is not None:
+                torch.distributed.barrier()  # the ranks probe together, as they trained together
+            rows[-1]["probe"] = probe.run()
     finally:
         if rt is not None:
             shutdown()
