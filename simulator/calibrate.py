@@ -11,11 +11,14 @@ Measures, with the same PyTorch the trainer uses:
 - the project's element-wise operators and the optimizer step (`opbench.py`);
 - how much ranks running at once slow one another on this machine, and the speed probe's baseline
   (`probe.py`), which `validate` compares with the machine's speed during each case;
-- one real training step of a small held-out model (`CALIBRATION_MODEL`), whose measured over
-  modelled time is the profile's `step_correction`: what isolated operator timings miss;
-- gloo collectives (all-reduce, all-gather, all-to-all) at world sizes up to the core count, spawned
-  with torch.multiprocessing; bandwidth and per-step latency are fitted to the step and byte counts of
-  `comm.py`, so prediction and measurement use the same formulas.
+- real training steps of a small held-out model (`CALIBRATION_MODEL`) at two sizes, to which the
+  profile's `work_correction` and `overhead_correction` are fitted: what isolated operator
+  timings miss, split into the part that grows with the work and the part fixed per operator;
+- gloo collectives (all-reduce, all-gather, reduce-scatter, all-to-all) at world sizes up to the
+  core count, spawned with torch.multiprocessing, each timed after a burst of compute as a training
+  step meets it; bandwidth and per-step latency are fitted to the step and byte counts of `comm.py`
+  for each kind (`collective_links`) and for all together (the profile's links), so prediction and
+  measurement use the same formulas.
 On one box every "node" is the same machine: the inter-node link is set to the measured one.
 """
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Callable
 import torch
 import yaml
 
-from simulator.comm import all_gather, all_reduce, all_to_all
-from simulator.hardware import HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
+from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
+from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, linear_fwd_bwd, optimizer_cost, timed
 from simulator.probe import SpeedProbe
 
@@ -116,28 +119,41 @@ def _free_port() -> int:
 
 
 def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
+    """Each collective timed as a training step meets it: after a burst of compute (GEMMs and a
+    write over memory larger than the caches), into a freshly allocated output. Back-to-back
+    repeats of one collective on hot buffers ran 2-3x faster than the same exchange inside a step."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    evict = torch.empty(16 * 2**20)
+
+    def compute_burst():
+        for _ in range(4):
+            torch.mm(a, b)
+        evict.fill_(1.0)
+
     try:
         res = []
         for nbytes in sizes:
             n = max(world, nbytes // 4 // world * world)
             buf = torch.randn(n)
-            out = torch.empty(n)
             shard = torch.randn(n // world)
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             ops = {"all_reduce": lambda: dist.all_reduce(buf),
-                   "all_gather": lambda: gather(out, shard),
-                   "all_to_all": lambda: dist.all_to_all_single(out, buf)}
+                   "all_gather": lambda: gather(torch.empty(n), shard),
+                   "reduce_scatter": lambda: scatter(torch.empty(n // world), buf),
+                   "all_to_all": lambda: dist.all_to_all_single(torch.empty(n), buf)}
             for name, fn in ops.items():
                 times = []
                 for i in range(12):
+                    compute_burst()
                     dist.barrier()
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
-                res.append((name, world, n * 4, min(times[1:])))
+                res.append((name, world, n * 4, statistics.median(times[1:])))
         if rank == 0:
             queue.put(res)
     finally:
@@ -209,6 +225,7 @@ def fit_link(samples: list[tuple]) -> tuple[Link, float]:
     rows = []
     for name, world, nbytes, t in samples:
         c = {"all_reduce": all_reduce(nbytes, world, 1, world), "all_gather": all_gather(nbytes, world, 1, world),
+             "reduce_scatter": reduce_scatter(nbytes, world, 1, world),
              "all_to_all": all_to_all(nbytes, world, 1, world)}[name]
         rows.append((c.steps, c.bytes, t))
     # normal equations for two non-negative coefficients, each sample weighted by 1/t^2 so that
@@ -230,7 +247,7 @@ def fit_link(samples: list[tuple]) -> tuple[Link, float]:
     return Link(bandwidth_gbps=1 / inv_bw / 1e9, latency_us=lat * 1e6), rms
 
 
-# The held-out model whose real training step calibrates `step_correction`: a small MoE unlike
+# The held-out model whose real training steps calibrate the corrections: a small MoE unlike
 # `configs/simulator/validate_cpu.yaml` (narrower, 3 layers, 4 sigmoid-routed experts, no MTP).
 CALIBRATION_MODEL = {
     "vocab_size": 256, "hidden_size": 128, "num_layers": 3, "max_seq_len": 128, "attention": "mla",
@@ -238,12 +255,35 @@ CALIBRATION_MODEL = {
     "v_head_dim": 24, "dense_ffn_size": 384, "first_k_dense": 1, "num_experts": 4, "top_k": 2,
     "expert_ffn_size": 160, "num_shared_experts": 1, "score_func": "sigmoid", "mtp_layers": 0,
 }
+# (micro-batch, sequence) of its two steps: one where fixed costs weigh, one where work does
+CALIBRATION_STEPS = ((2, 64), (8, 128))
 
 
-def measure_step_correction(prof: HardwareProfile) -> tuple[float, float, float]:
-    """Train `CALIBRATION_MODEL` for a few steps in one process (as `validate` runs a case) and
-    return (measured / modelled step time at the probe's speed, measured s, modelled s). The
-    microbenchmarks time each operator in isolation; a real step also pays for what they miss
+def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(work, overhead) factors with measured = work * W + overhead * F, least squares over
+    (measured compute, modelled work W, modelled fixed cost F) points; at least two with different
+    W/F. Raises when the fit is degenerate or a factor comes out non-positive (a noisy machine)."""
+    sww = sum(w * w for _, w, _ in points)
+    swf = sum(w * f for _, w, f in points)
+    sff = sum(f * f for _, _, f in points)
+    smw = sum(m * w for m, w, _ in points)
+    smf = sum(m * f for m, _, f in points)
+    det = sww * sff - swf * swf
+    if det <= 1e-12 * sww * sff:
+        raise RuntimeError("calibration steps: the two sizes do not separate fixed from proportional costs")
+    work, overhead = (smw * sff - smf * swf) / det, (sww * smf - swf * smw) / det
+    if work <= 0 or overhead <= 0:
+        raise RuntimeError(f"calibration steps: fitted work x{work:.2f}, overhead x{overhead:.2f} (must be > 0); "
+                           f"the machine was too noisy, run `python -m simulator calibrate` again")
+    return work, overhead
+
+
+def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = print) -> tuple[float, float]:
+    """Train `CALIBRATION_MODEL` in one process (as `validate` runs a case) at the two sizes of
+    `CALIBRATION_STEPS` and fit the profile's `work_correction` and `overhead_correction` to the
+    forward + backward part of each step (measured step less the modelled optimizer step, whose
+    calibration is a measured step of its own), each at the speed probe's reading during the run.
+    The microbenchmarks time each operator in isolation; a real step also pays for what they miss
     (Python and autograd around the modules, the allocator under a step's live tensors)."""
     import tempfile
     from dataclasses import replace
@@ -251,14 +291,24 @@ def measure_step_correction(prof: HardwareProfile) -> tuple[float, float, float]
     from moe.config import ModelConfig, from_dict
     from simulator.validate import Case, measure, predict
     model = from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
-    case = Case(name="calibration-step", micro_batch_size=4, seq_len=96)
+    bare = replace(prof, work_correction=1.0, overhead_correction=1.0)
+    work_only = replace(prof, work_correction=1.0, overhead_correction=0.0)  # fixed costs zeroed
+    points = []
     with tempfile.TemporaryDirectory(prefix="simcalibrate-") as d:
-        meas = measure(model, case, steps=9, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
-    if "error" in meas:
-        raise RuntimeError(f"calibration training step failed: {meas['error']}")
-    bare = replace(prof, step_correction=1.0)
-    modelled = predict(model, bare, case, slowdown=meas["probe_s"] / prof.speed_probe)["step_time_s"]
-    return meas["step_time_s"] / modelled, meas["step_time_s"], modelled
+        for mbs, seq in CALIBRATION_STEPS:
+            case = Case(name=f"calibration-{mbs}x{seq}", micro_batch_size=mbs, seq_len=seq)
+            meas = measure(model, case, steps=9, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
+            if "error" in meas:
+                raise RuntimeError(f"calibration training step ({case.name}) failed: {meas['error']}")
+            slowdown = meas["probe_s"] / prof.speed_probe
+            full = predict(model, bare, case, slowdown=slowdown)
+            work = predict(model, work_only, case, slowdown=slowdown)["compute_s"]
+            measured = meas["step_time_s"] - full["optimizer_s"]
+            points.append((measured, work, full["compute_s"] - work))
+            log(f"  training step of the calibration model at {mbs}x{seq} tokens: measured "
+                f"{meas['step_time_s'] * 1e3:.1f} ms, modelled {full['step_time_s'] * 1e3:.1f} ms (forward + "
+                f"backward {full['compute_s'] * 1e3:.1f} ms, of it fixed costs {(full['compute_s'] - work) * 1e3:.1f} ms)")
+    return fit_corrections(points)
 
 
 def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: bool = True, threads: int = 1,
@@ -302,16 +352,20 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     log(f"  optimizer: {opt_cost[0]:.1f} us/tensor, {opt_cost[1]:.2f} ns/parameter")
     link, link_rms = Link(bandwidth_gbps=mem_bw / 1e9, latency_us=50.0), float("nan")
     coll = []
-    concurrency = {}
+    concurrency, collective_links = {}, {}
     if collectives:
         concurrency, alone = measure_concurrency(rank_counts())
         probes += alone
         log("  concurrent ranks slow each other by: " + ", ".join(
             f"x{f:.2f} at {w} ranks" for w, f in concurrency.items()))
-        coll = measure_collectives(sizes=(64 * 2**10, 2**20) if quick else (64 * 2**10, 2**20, 8 * 2**20))
+        coll = measure_collectives(sizes=(64 * 2**10, 2**20) if quick else (64 * 2**10, 2**20, 8 * 2**20, 24 * 2**20))
         link, link_rms = fit_link(coll)
-        log(f"  gloo link: {link.bandwidth_gbps:.2f} GB/s, {link.latency_us:.0f} us per step "
+        log(f"  gloo, all collectives: {link.bandwidth_gbps:.2f} GB/s, {link.latency_us:.0f} us per step "
             f"(rms log error {link_rms:.2f}, {len(coll)} samples)")
+        for kind in COLLECTIVE_KINDS:
+            own, own_rms = fit_link([x for x in coll if x[0] == kind])
+            collective_links[kind] = [own.bandwidth_gbps, own.latency_us]
+            log(f"    {kind}: {own.bandwidth_gbps:.2f} GB/s, {own.latency_us:.0f} us per step (rms log error {own_rms:.2f})")
     speed_probe = statistics.median(probes)
     log(f"  speed probe: {speed_probe * 1e3:.2f} ms (median of {len(probes)})")
     mem_gb = _physical_memory_gb()
@@ -321,15 +375,15 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         intra_node=link, inter_node=Link(link.bandwidth_gbps, link.latency_us),
         host_link=Link(mem_bw / 1e9, 1.0), matmul=eff, host_memory_bandwidth_gbps=mem_bw / 1e9,
         op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4), cpu_threads=threads,
-        op_costs=ops, optimizer_cost=opt_cost, concurrency_slowdown=concurrency, speed_probe=speed_probe,
+        op_costs=ops, optimizer_cost=opt_cost, collective_links=collective_links,
+        concurrency_slowdown=concurrency, speed_probe=speed_probe,
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))
     prof.validate("hardware")
-    prof.step_correction, measured, modelled = measure_step_correction(prof)
-    log(f"  training step of the calibration model: measured {measured * 1e3:.1f} ms, modelled "
-        f"{modelled * 1e3:.1f} ms: step correction x{prof.step_correction:.2f}")
-    prof.notes += f"; step correction {prof.step_correction:.3f} ({measured * 1e3:.1f} / {modelled * 1e3:.1f} ms)"
+    prof.work_correction, prof.overhead_correction = measure_corrections(prof, log)
+    log(f"  corrections: proportional costs x{prof.work_correction:.2f}, fixed costs x{prof.overhead_correction:.2f}")
+    prof.notes += f"; corrections work x{prof.work_correction:.3f}, overhead x{prof.overhead_correction:.3f}"
     write_profile(prof, out, samples, coll)
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return prof
@@ -352,5 +406,7 @@ def write_profile(prof: HardwareProfile, out: str | Path, samples=(), coll=()) -
     header += [f"#   {op} {w} {b} {t:.3e}" for op, w, b, t in coll]
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False))
+    tmp = p.with_name(f".{p.name}.tmp")  # never a half-written profile: write, then rename
+    tmp.write_text("\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, p)
     return p

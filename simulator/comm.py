@@ -8,7 +8,9 @@ Conventions (pinned by tests/test_simulator_parts.py):
   once; the messages are concurrent, so latency grows with log2(n), not n.
 - A group spanning nodes runs ring collectives at the inter-node bandwidth: the achievable bus
   bandwidth of a multi-node ring is the per-device NIC bandwidth.
-- Time = max(intra bytes / intra bandwidth, inter bytes / inter bandwidth) + steps * latency.
+- Time = max(intra bytes / intra bandwidth, inter bytes / inter bandwidth) + steps * latency, or,
+  where the profile measured that kind of collective (`collective_links`, CPU calibrations),
+  bytes / its bandwidth + steps * its latency.
 
 Group placement follows `layout.py`'s rank order: a group of `size` members with rank `stride`.
 """
@@ -31,6 +33,9 @@ class Comm:
     def time(self, hw: HardwareProfile) -> float:
         if self.steps == 0:
             return 0.0
+        own = hw.collective_links.get(_MEASURED_AS.get(self.kind, self.kind)) if hw.collective_links else None
+        if own:  # measured for this kind of collective (one box: every link is the same)
+            return self.bytes / (own[0] * 1e9) + self.steps * own[1] * 1e-6
         lat = hw.inter_node.lat if self.spans_nodes else hw.intra_node.lat
         return max(self.intra_bytes / hw.intra_node.bw, self.inter_bytes / hw.inter_node.bw) + self.steps * lat
 
@@ -43,6 +48,7 @@ class Comm:
 
 
 NONE = Comm("none", 0.0, 0.0, 0, False)
+_MEASURED_AS = {"counts": "all_to_all"}  # the count exchange is a tiny all-to-all
 
 
 def group_span(size: int, stride: int, devices_per_node: int) -> tuple[int, int]:
@@ -108,37 +114,63 @@ def node_need(num_experts: int, top_k: int, nodes: int) -> float:
 
 def ep_dispatch(dispatcher: str, tokens: float, top_k: int, token_bytes: float, ep: int, stride: int,
                 dpn: int, imbalance: float = 1.0, num_experts: int = 0) -> list[Comm]:
-    """Communication of one dispatch (forward) for `tokens` tokens on this device.
+    """The messages of one dispatch (forward) for `tokens` tokens on this device, one `Comm` per
+    collective the runtime issues (`parallel/dispatchers.py`), each paying its own latency.
 
-    `token_bytes` is one hidden vector. Routing metadata (top-k ids and weights, 8 bytes per choice)
-    travels with each token where the receiver routes locally (all-gather based schemes). Exchanges
-    with split sizes first swap per-expert counts (a latency-bound step). The slowest rank sets the
-    pace, so receive-side volume is scaled by `imbalance` (max / mean expert-rank load). A combine
-    moves the same volume back (reduce-scatter in place of all-gather).
-    Hierarchical: each token crosses to every other node holding one of its experts once (with
-    its routing), then an all-to-all inside the node; with `num_experts` unknown (0) every other
-    node is assumed needed, i.e. a plain all-gather across nodes.
+    `token_bytes` is one hidden vector. Where the receiver routes locally (all-gather based schemes)
+    the routing travels too, as two more messages: int64 expert ids and fp32 weights per choice.
+    Exchanges with split sizes first swap per-expert counts (a latency-bound step). The slowest
+    rank sets the pace, so receive-side volume is scaled by `imbalance` (max / mean expert-rank load).
+    Hierarchical: each token crosses to every other node holding one of its experts once (with its
+    routing), then an all-to-all inside the node; with `num_experts` unknown (0) every other node is
+    assumed needed, i.e. a plain all-gather across nodes.
     """
     if ep <= 1 or dispatcher == "local":
         return []
-    meta = 8 * top_k
+    ids, weights = 8 * top_k, 4 * top_k
     if dispatcher == "allgather":
-        return [_counts(ep, stride, dpn), all_gather(ep * tokens * (token_bytes + meta), ep, stride, dpn)]
+        return [_counts(ep, stride, dpn)] + [all_gather(ep * tokens * b, ep, stride, dpn)
+                                             for b in (token_bytes, ids, weights)]
     per_node, nodes = group_span(ep, stride, dpn)
     copies = tokens * top_k * token_bytes
     if dispatcher == "alltoall" or nodes == 1:
         return [_counts(ep, stride, dpn), all_to_all(copies, ep, stride, dpn).scaled(imbalance)]
     if dispatcher != "hierarchical":
         raise ValueError(f"unknown dispatcher {dispatcher!r}")
-    need = node_need(num_experts, top_k, nodes) if num_experts else nodes - 1
     # sent (tokens * need) vectors; as an all-to-all over the nodes that is `need/(nodes-1)` of an
     # all-gather's volume. Group members: the same local rank on each node.
-    inter_stride = stride * per_node
-    inter = all_to_all(tokens * (token_bytes + meta) * need * nodes / (nodes - 1), nodes, inter_stride, dpn)
-    out = [_counts(nodes, inter_stride, dpn), inter]
+    inter_stride, sent = stride * per_node, tokens * _node_share(num_experts, top_k, nodes)
+    out = [_counts(nodes, inter_stride, dpn)] + [all_to_all(sent * b, nodes, inter_stride, dpn)
+                                                 for b in (token_bytes, ids, weights)]
     if per_node > 1:
         out += [_counts(per_node, stride, dpn), all_to_all(copies, per_node, stride, dpn).scaled(imbalance)]
     return out
+
+
+def ep_combine(dispatcher: str, tokens: float, top_k: int, token_bytes: float, ep: int, stride: int,
+               dpn: int, imbalance: float = 1.0, num_experts: int = 0) -> list[Comm]:
+    """The messages of one combine (forward), the way back of `ep_dispatch`: the expert outputs
+    return as hidden vectors only (split sizes already known). All-gather: a reduce-scatter of the
+    partial sums of every gathered token; all-to-all: the copies back; hierarchical: the intra-node
+    all-to-all back, then one partial sum per token and node across nodes."""
+    if ep <= 1 or dispatcher == "local":
+        return []
+    if dispatcher == "allgather":
+        return [reduce_scatter(ep * tokens * token_bytes, ep, stride, dpn)]
+    per_node, nodes = group_span(ep, stride, dpn)
+    copies = tokens * top_k * token_bytes
+    if dispatcher == "alltoall" or nodes == 1:
+        return [all_to_all(copies, ep, stride, dpn).scaled(imbalance)]
+    out = [all_to_all(copies, per_node, stride, dpn).scaled(imbalance)] if per_node > 1 else []
+    sent = tokens * _node_share(num_experts, top_k, nodes)
+    return out + [all_to_all(sent * token_bytes, nodes, stride * per_node, dpn)]
+
+
+def _node_share(num_experts: int, top_k: int, nodes: int) -> float:
+    """Per token, the all-to-all payload factor of the inter-node step: the token goes to `need`
+    other nodes, which as an all-to-all over `nodes` members is need * nodes / (nodes - 1)."""
+    need = node_need(num_experts, top_k, nodes) if num_experts else nodes - 1
+    return need * nodes / (nodes - 1)
 
 
 def _counts(size: int, stride: int, dpn: int) -> Comm:

@@ -60,7 +60,9 @@ class Simulator:
         self.opt = options or SimOptions()
         self.opt.validate("options")
         self.b = DTYPE_BYTES[self.opt.dtype]
-        self.layer_cost = LayerCosts(model, hw, self.opt)
+        # forward/backward compute at the profile's calibrated corrections (1 for quoted profiles);
+        # the MFU peak and the optimizer's measured cost stay as the profile states them
+        self.layer_cost = LayerCosts(model, hw.corrected(), self.opt)
         self.cm = self.layer_cost.cm
         self.peak = hw.peak_flops(self.opt.dtype)
         self._cache: dict = {}
@@ -259,6 +261,8 @@ class Simulator:
             grad = (C.all_reduce(dense * gb, ddp, lay.tp, dpn).time(hw)
                     + C.all_reduce(expert * gb, edp, estride, dpn).time(hw))
             gather = 0.0
+        if o.grad_bucket_copy:  # flatten, scale, unflatten: a read and a write of the gradients each
+            grad += 6 * (dense + expert) * gb / (hw.memory_bandwidth_gbps * 1e9)
         local = dense / ddp + expert / edp if lay.zero1 else dense + expert
         master = 4 if self.b != 4 else 0
         adam_bytes = local * (4 + 2 * master + 16 + self.b)  # grad, master r/w, moments r/w, param write

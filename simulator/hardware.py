@@ -8,7 +8,7 @@ shape, so every cost formula reads measured and quoted hardware alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +17,7 @@ from moe.config import ConfigError, from_dict, load_yaml
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 @dataclass
@@ -91,15 +92,23 @@ class HardwareProfile:
     # Kinds listed here replace the bytes-and-launches rule of `compute.py` for that kind.
     op_costs: dict[str, list[float]] = field(default_factory=dict)
     optimizer_cost: list[float] = field(default_factory=list)  # [us per tensor, ns per parameter]
+    # Measured per collective kind (CPU profiles: gloo on this box, timed between bursts of compute
+    # as in a training step): kind -> [bandwidth GB/s, latency us per step], used in place of
+    # intra_node / inter_node for that kind (all_reduce, all_gather, reduce_scatter, all_to_all)
+    collective_links: dict[str, list[float]] = field(default_factory=dict)
     # CPU profiles: how much slower one rank runs while N ranks share the machine:
     # N -> factor (the speed probe at N ranks over alone)
     concurrency_slowdown: dict[int, float] = field(default_factory=dict)
     # CPU profiles: seconds of the speed probe (`simulator/probe.py`) at calibration (0: none);
     # `validate` scales the compute-side rates by the probe's ratio to it during each case
     speed_probe: float = 0.0
-    # CPU profiles: a training step of the calibration's own model as measured over as modelled
-    # (at the probe's speed); `validate` multiplies the compute-side costs by it
-    step_correction: float = 1.0
+    # CPU profiles: what isolated operator timings miss in a real forward + backward (Python and
+    # autograd around the modules, the allocator under a step's live tensors), fitted on training
+    # steps of the calibration's own model at two sizes: `work_correction` multiplies the
+    # size-proportional costs (GEMM, memory, per-element), `overhead_correction` the fixed ones
+    # (per-operator launch cost and the fixed part of `op_costs`). The simulator applies both.
+    work_correction: float = 1.0
+    overhead_correction: float = 1.0
     notes: str = ""
 
     def validate(self, path: str = "") -> None:
@@ -123,14 +132,35 @@ class HardwareProfile:
         for k, v in self.op_costs.items():
             if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and x >= 0 for x in v)):
                 raise ConfigError(f"{p}op_costs.{k}: expected [fixed_us, ns_per_element] (two numbers >= 0), got {v!r}")
+        for k, v in self.collective_links.items():
+            if k not in COLLECTIVE_KINDS:
+                raise ConfigError(f"{p}collective_links.{k}: unknown collective; use one of {', '.join(COLLECTIVE_KINDS)}")
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+                    and v[0] > 0 and v[1] >= 0):
+                raise ConfigError(f"{p}collective_links.{k}: expected [bandwidth_gbps > 0, latency_us >= 0], got {v!r}")
         if self.optimizer_cost and not (len(self.optimizer_cost) == 2 and min(self.optimizer_cost) >= 0):
             raise ConfigError(f"{p}optimizer_cost: expected [us_per_tensor, ns_per_parameter], got {self.optimizer_cost}")
-        if self.speed_probe < 0 or self.step_correction <= 0:
-            raise ConfigError(f"{p}speed_probe/step_correction: must be >= 0 / > 0, got {self.speed_probe} / "
-                              f"{self.step_correction}; re-run `python -m simulator calibrate`")
+        if self.speed_probe < 0:
+            raise ConfigError(f"{p}speed_probe: must be >= 0, got {self.speed_probe}; "
+                              f"re-run `python -m simulator calibrate`")
+        for name in ("work_correction", "overhead_correction"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{p}{name}: must be > 0, got {getattr(self, name)}; "
+                                  f"re-run `python -m simulator calibrate`")
         if self.reserved_memory_gb >= self.memory_gb:
             raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
                               f"memory_gb={self.memory_gb}")
+
+    def corrected(self, work: Optional[float] = None, overhead: Optional[float] = None) -> "HardwareProfile":
+        """The forward/backward compute rates with the corrections folded in (and reset to 1):
+        proportional rates divided by `work`, fixed costs multiplied by `overhead` (defaults: the
+        profile's own). The optimizer's calibrated cost is a measured step of its own and stays."""
+        w = self.work_correction if work is None else work
+        o = self.overhead_correction if overhead is None else overhead
+        return replace(self, peak_tflops={k: v / w for k, v in self.peak_tflops.items()},
+                       memory_bandwidth_gbps=self.memory_bandwidth_gbps / w, op_overhead_us=self.op_overhead_us * o,
+                       op_costs={k: [a * o, b * w] for k, (a, b) in self.op_costs.items()},
+                       work_correction=1.0, overhead_correction=1.0)
 
     @property
     def fused(self) -> bool:
@@ -164,4 +194,9 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
         raise ConfigError(f"hardware: unknown profile {str(name_or_path)!r}; available: "
                           f"{', '.join(available_profiles()) or '(none)'}, or give a path to a YAML file "
                           f"(`python -m simulator calibrate` writes one for this machine)")
-    return from_dict(HardwareProfile, load_yaml(p), "hardware")
+    data = load_yaml(p)
+    if isinstance(data, dict) and "step_correction" in data:
+        raise ConfigError(f"hardware.step_correction: {p} was calibrated by an older version (one factor "
+                          f"for the whole step); re-run `python -m simulator calibrate` to write "
+                          f"work_correction and overhead_correction")
+    return from_dict(HardwareProfile, data, "hardware")

@@ -3,7 +3,8 @@ device: compute from `compute.py`, activations from `memory.py`, and the layer's
 with its overlap rules:
 - TP (sequence-parallel all-gather / reduce-scatter around attention, dense MLP and shared expert):
   exposed, less the `tp_comm_overlap` fraction.
-- EP token exchange (dispatch + combine forward, the same backward, again under full recompute):
+- EP token exchange (dispatch + combine forward, their adjoints backward, again under full
+  recompute), message by message as the runtime issues them (`comm.ep_dispatch`, `ep_combine`):
   the dispatch overlaps the shared expert's forward and the combine's gradient its backward
   (`overlap_shared_expert`); with `fb_overlap` (forward/backward overlap across micro-batches) the
   steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
@@ -36,6 +37,9 @@ class SimOptions:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    # the gradients are copied into one flat bucket per group, scaled there and copied back around
+    # the reduction (this project's runtime; Megatron reduces contiguous buffers in place)
+    grad_bucket_copy: bool = False
     pad_layers: bool = True  # add no-op layers so pp * vpp stages split the depth evenly
     swap_window: int = 2  # layers whose swapped activations stay on the device (prefetch)
     grouped_gemm_per_expert: bool = False  # the expert GEMMs run as a loop of per-expert kernels
@@ -185,19 +189,24 @@ class LayerCosts:
     def _ep_costs(self, pcost: PartCost, ffn_ops: list[Op], tokens: float, lay: Layout, d: Derived) -> None:
         cfg, hw, o = self.model, self.hw, self.opt
         dpn = d.devices_per_node
-        comms = C.ep_dispatch(lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
-                              o.expert_imbalance, cfg.num_experts)
+        args = (lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
+                o.expert_imbalance, cfg.num_experts)
+        dispatch, combine = C.ep_dispatch(*args), C.ep_combine(*args)
         if d.etp > 1 and lay.sequence_parallel:  # expert TP gathers the received rows over its group
             rows = tokens * cfg.top_k * o.expert_imbalance
-            comms.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
-        t = C.comm_time(comms, hw)  # dispatch; the combine moves the same volume back
+            dispatch.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
+            combine.append(C.reduce_scatter(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
+        t_d, t_c = C.comm_time(dispatch, hw), C.comm_time(combine, hw)
         shared_f = sum(op.fwd for op in ffn_ops if op.name.startswith("shared"))
         shared_b = sum(op.bwd for op in ffn_ops if op.name.startswith("shared"))
+        # Backward runs the adjoints in reverse order: the combine's (same volume as the dispatch's
+        # hidden vectors) first, overlapping the shared expert's backward, then the dispatch's.
+        # Each adjoint is costed as the forward exchange it mirrors.
         if o.overlap_shared_expert:
-            exp_f = max(0.0, t - shared_f) + t
-            exp_b = max(0.0, t - shared_b) + t
+            exp_f = max(0.0, t_d - shared_f) + t_c
+            exp_b = max(0.0, t_c - shared_b) + t_d
         else:
-            exp_f = exp_b = 2 * t
+            exp_f = exp_b = t_d + t_c
         if lay.recompute == "full":
             exp_b += exp_f
         pcost.ep_f, pcost.ep_b = exp_f, exp_b

@@ -86,13 +86,13 @@ def case_layout(c: Case) -> Layout:
 
 def scaled_profile(hw: HardwareProfile, slowdown: float) -> HardwareProfile:
     """The profile on a machine whose compute-side work (GEMMs, element-wise operators and their
-    fixed costs, memory traffic, the optimizer step) runs `slowdown` times as long, further scaled
-    by the profile's `step_correction`. Collective links are left as calibrated."""
-    f = slowdown * hw.step_correction
+    fixed costs, memory traffic, the optimizer step) runs `slowdown` times as long. Collective links
+    are left as calibrated, and so are the profile's corrections (the simulator applies them)."""
+    f = slowdown
     return replace(hw, peak_tflops={k: v / f for k, v in hw.peak_tflops.items()},
                    memory_bandwidth_gbps=hw.memory_bandwidth_gbps / f, op_overhead_us=hw.op_overhead_us * f,
                    op_costs={k: [a * f, b * f] for k, (a, b) in hw.op_costs.items()},
-                   optimizer_cost=[x * f for x in hw.optimizer_cost], step_correction=1.0)
+                   optimizer_cost=[x * f for x in hw.optimizer_cost])
 
 
 def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
@@ -107,15 +107,16 @@ def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
     return scaled_profile(hw, max(1.0, hw.concurrency_slowdown[c.world]))
 
 
-def sim_options(imbalance: float = 1.0) -> SimOptions:
+def sim_options(imbalance: float = 1.0, world: int = 1) -> SimOptions:
     """The modelling options that describe this trainer: fp32 on CPU, the fast kernels' single
     grouped GEMM when torch provides one, the shared expert overlapped with the dispatch, and the
-    gradient all-reduce after the backward pass."""
+    gradient all-reduce after the backward pass through flat buckets (`parallel.data_parallel`,
+    which runs on several ranks only)."""
     import torch
     from kernels.fast import grouped_mm_works
     return SimOptions(dtype="fp32", grouped_gemm_per_expert=not grouped_mm_works("cpu", torch.float32),
                       overlap_grad_reduce=False, overlap_param_gather=False, pad_layers=False,
-                      expert_imbalance=max(1.0, imbalance))
+                      expert_imbalance=max(1.0, imbalance), grad_bucket_copy=world > 1)
 
 
 def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float = 1.0,
@@ -123,11 +124,12 @@ def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float =
     """Step time and activation bytes of one case. `slowdown`: the machine's measured slowdown during
     the case (the speed probe's ratio, concurrency included); without it, the calibration's."""
     prof = scaled_profile(hw, slowdown) if slowdown else case_profile(hw, c)
-    sim = Simulator(model, prof, c.world, sim_options(imbalance))
+    sim = Simulator(model, prof, c.world, sim_options(imbalance, c.world))
     est = sim.estimate(case_layout(c))
     T = c.micro_batch_size * c.seq_len
     saved = est.memory["activations"]
-    return {"step_time_s": est.step_time, "activation_bytes": saved, "tokens": T}
+    return {"step_time_s": est.step_time, "activation_bytes": saved, "tokens": T,
+            "compute_s": est.breakdown["compute"], "optimizer_s": est.breakdown["optimizer"]}
 
 
 def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:

@@ -57,26 +57,42 @@ def test_all_to_all_bytes_split_by_link():
 
 
 def test_ep_dispatch_bytes_of_each_dispatcher():
-    # 10 tokens, top-2, 100-byte hidden vectors; routing metadata 8 bytes per choice = 16 per token
+    # 10 tokens, top-2, 100-byte hidden vectors; routing travels as int64 ids (16 bytes per token)
+    # and fp32 weights (8 bytes per token), each a message of its own
     # every exchange with split sizes starts with a count exchange: one latency step, no bytes
     counts, flat = C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8, imbalance=1.5)
     assert (counts.bytes, counts.steps) == (0, 1)
     assert flat.intra_bytes == pytest.approx(2000 * 3 / 4 * 1.5)
-    _, ag = C.ep_dispatch("allgather", 10, 2, 100, 4, 1, 8)
-    assert ag.intra_bytes == pytest.approx(4 * 10 * 116 * 3 / 4)
-    # EP 8 over 2 nodes of 4: each token (100 + 16 bytes) crosses to the other node once, then an
-    # all-to-all of the 2000 copy-bytes among the 4 local ranks
-    _, inter, _, intra = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4)
-    assert (inter.inter_bytes, inter.intra_bytes) == (pytest.approx(1160), 0)
+    _, x, ids, w = C.ep_dispatch("allgather", 10, 2, 100, 4, 1, 8)
+    assert [m.intra_bytes for m in (x, ids, w)] == pytest.approx([4 * 10 * b * 3 / 4 for b in (100, 16, 8)])
+    assert {m.kind for m in (x, ids, w)} == {"all_gather"}
+    # EP 8 over 2 nodes of 4: each token (100 + 16 + 8 bytes in three messages) crosses to the
+    # other node once, then an all-to-all of the 2000 copy-bytes among the 4 local ranks
+    _, x, ids, w, _, intra = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4)
+    assert [m.inter_bytes for m in (x, ids, w)] == pytest.approx([1000, 160, 80])
+    assert x.intra_bytes == 0
     assert (intra.intra_bytes, intra.inter_bytes) == (pytest.approx(1500), 0)
     # knowing the experts (16 over 2 nodes, top-2), a token needs the other node unless both its
     # experts are local: 1 - C(8,2)/C(16,2) = 1 - 28/120
-    _, inter, _, _ = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4, num_experts=16)
-    assert inter.inter_bytes == pytest.approx(10 * 116 * (1 - 28 / 120))
+    _, x, _, _, _, _ = C.ep_dispatch("hierarchical", 10, 2, 100, 8, 1, 4, num_experts=16)
+    assert x.inter_bytes == pytest.approx(10 * 100 * (1 - 28 / 120))
     assert C.node_need(8, 2, 2) == pytest.approx(1 - 6 / 28)
     # inside one node hierarchical is the flat all-to-all
     assert C.ep_dispatch("hierarchical", 10, 2, 100, 4, 1, 8) == C.ep_dispatch("alltoall", 10, 2, 100, 4, 1, 8)
     assert C.ep_dispatch("alltoall", 10, 2, 100, 1, 1, 8) == []
+
+
+def test_ep_combine_returns_hidden_vectors_only():
+    # all-to-all: the copies back, no count exchange
+    (back,) = C.ep_combine("alltoall", 10, 2, 100, 4, 1, 8, imbalance=1.5)
+    assert (back.kind, back.intra_bytes) == ("all_to_all", pytest.approx(2000 * 3 / 4 * 1.5))
+    # all-gather: a reduce-scatter of the partial sums of all 4 x 10 gathered tokens
+    (rs,) = C.ep_combine("allgather", 10, 2, 100, 4, 1, 8)
+    assert (rs.kind, rs.intra_bytes, rs.steps) == ("reduce_scatter", pytest.approx(4000 * 3 / 4), 3)
+    # hierarchical over 2 nodes of 4: intra-node all-to-all back, then one partial sum per token
+    intra, inter = C.ep_combine("hierarchical", 10, 2, 100, 8, 1, 4)
+    assert (intra.intra_bytes, inter.inter_bytes) == (pytest.approx(1500), pytest.approx(1000))
+    assert C.ep_combine("local", 10, 2, 100, 4, 1, 8) == []
 
 
 def test_comm_time():
