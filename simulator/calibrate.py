@@ -11,7 +11,7 @@ Measures, with the same PyTorch the trainer uses:
 - the project's element-wise operators and the optimizer step (`opbench.py`);
 - how much ranks running at once slow one another on this machine, and the speed probe's baseline
   (`probe.py`), which `validate` compares with the machine's speed during each case;
-- real training steps of a small held-out model (`CALIBRATION_MODEL`) at two sizes, to which the
+- real training steps of a small held-out model (`CALIBRATION_MODEL`) at three sizes, to which the
   profile's `work_correction` and `overhead_correction` are fitted: what isolated operator
   timings miss, split into the part that grows with the work and the part fixed per operator;
 - gloo collectives (all-reduce, all-gather, reduce-scatter, all-to-all) at world sizes up to the
@@ -36,7 +36,7 @@ import yaml
 
 from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
 from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
-from simulator.opbench import attention_fwd_bwd, eltwise_costs, linear_fwd_bwd, optimizer_cost, timed
+from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
 from simulator.probe import SpeedProbe
 
 DEFAULT_OUT = HARDWARE_DIR / "cpu_calibrated.yaml"
@@ -228,17 +228,9 @@ def fit_link(samples: list[tuple]) -> tuple[Link, float]:
              "reduce_scatter": reduce_scatter(nbytes, world, 1, world),
              "all_to_all": all_to_all(nbytes, world, 1, world)}[name]
         rows.append((c.steps, c.bytes, t))
-    # normal equations for two non-negative coefficients, each sample weighted by 1/t^2 so that
-    # small messages (latency) count as much as large ones (bandwidth): relative error
-    w = [1 / t ** 2 for _, _, t in rows]
-    sxx = sum(wi * s * s for wi, (s, _, _) in zip(w, rows))
-    sxy = sum(wi * s * b for wi, (s, b, _) in zip(w, rows))
-    syy = sum(wi * b * b for wi, (_, b, _) in zip(w, rows))
-    sxt = sum(wi * s * t for wi, (s, _, t) in zip(w, rows))
-    syt = sum(wi * b * t for wi, (_, b, t) in zip(w, rows))
-    det = sxx * syy - sxy * sxy
-    lat = (sxt * syy - syt * sxy) / det
-    inv_bw = (sxx * syt - sxy * sxt) / det
+    # each sample scaled by 1/t so that small messages (latency) count as much as large ones
+    # (bandwidth): relative error
+    lat, inv_bw = fit_two([(s / t, b / t, 1.0) for s, b, t in rows]) or (-1.0, -1.0)
     if lat < 0 or inv_bw <= 0:  # degenerate noise: fall back to bandwidth from the largest messages
         lat = max(0.0, lat)
         big = [r for r in rows if r[1] == max(x[1] for x in rows)]
@@ -255,23 +247,19 @@ CALIBRATION_MODEL = {
     "v_head_dim": 24, "dense_ffn_size": 384, "first_k_dense": 1, "num_experts": 4, "top_k": 2,
     "expert_ffn_size": 160, "num_shared_experts": 1, "score_func": "sigmoid", "mtp_layers": 0,
 }
-# (micro-batch, sequence) of its two steps: one where fixed costs weigh, one where work does
-CALIBRATION_STEPS = ((2, 64), (8, 128))
+# (micro-batch, sequence) of its steps: small ones where fixed costs weigh, a large one where work does
+CALIBRATION_STEPS = ((1, 64), (2, 128), (8, 128))
 
 
 def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(work, overhead) factors with measured = work * W + overhead * F, least squares over
-    (measured compute, modelled work W, modelled fixed cost F) points; at least two with different
-    W/F. Raises when the fit is degenerate or a factor comes out non-positive (a noisy machine)."""
-    sww = sum(w * w for _, w, _ in points)
-    swf = sum(w * f for _, w, f in points)
-    sff = sum(f * f for _, _, f in points)
-    smw = sum(m * w for m, w, _ in points)
-    smf = sum(m * f for m, _, f in points)
-    det = sww * sff - swf * swf
-    if det <= 1e-12 * sww * sff:
-        raise RuntimeError("calibration steps: the two sizes do not separate fixed from proportional costs")
-    work, overhead = (smw * sff - smf * swf) / det, (sww * smf - swf * smw) / det
+    """(work, overhead) factors with measured = work * W + overhead * F, least squares of the
+    relative error over (measured compute, modelled work W, modelled fixed cost F) points, at least
+    two with different W/F. Raises when the fit is degenerate or a factor comes out non-positive
+    (a noisy machine)."""
+    fit = fit_two([(w / m, f / m, 1.0) for m, w, f in points])  # relative errors: small steps count as much
+    if fit is None:
+        raise RuntimeError("calibration steps: the sizes do not separate fixed from proportional costs")
+    work, overhead = fit
     if work <= 0 or overhead <= 0:
         raise RuntimeError(f"calibration steps: fitted work x{work:.2f}, overhead x{overhead:.2f} (must be > 0); "
                            f"the machine was too noisy, run `python -m simulator calibrate` again")
@@ -279,7 +267,7 @@ def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, fl
 
 
 def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = print) -> tuple[float, float]:
-    """Train `CALIBRATION_MODEL` in one process (as `validate` runs a case) at the two sizes of
+    """Train `CALIBRATION_MODEL` in one process (as `validate` runs a case) at the sizes of
     `CALIBRATION_STEPS` and fit the profile's `work_correction` and `overhead_correction` to the
     forward + backward part of each step (measured step less the modelled optimizer step, whose
     calibration is a measured step of its own), each at the speed probe's reading during the run.
@@ -297,7 +285,7 @@ def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = prin
     with tempfile.TemporaryDirectory(prefix="simcalibrate-") as d:
         for mbs, seq in CALIBRATION_STEPS:
             case = Case(name=f"calibration-{mbs}x{seq}", micro_batch_size=mbs, seq_len=seq)
-            meas = measure(model, case, steps=9, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
+            meas = measure(model, case, steps=12, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
             if "error" in meas:
                 raise RuntimeError(f"calibration training step ({case.name}) failed: {meas['error']}")
             slowdown = meas["probe_s"] / prof.speed_probe

@@ -104,7 +104,7 @@ class HardwareProfile:
     speed_probe: float = 0.0
     # CPU profiles: what isolated operator timings miss in a real forward + backward (Python and
     # autograd around the modules, the allocator under a step's live tensors), fitted on training
-    # steps of the calibration's own model at two sizes: `work_correction` multiplies the
+    # steps of the calibration's own model at several sizes: `work_correction` multiplies the
     # size-proportional costs (GEMM, memory, per-element), `overhead_correction` the fixed ones
     # (per-operator launch cost and the fixed part of `op_costs`). The simulator applies both.
     work_correction: float = 1.0

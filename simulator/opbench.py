@@ -3,7 +3,7 @@
 The cost model charges element-wise work by kind (`compute._ELTWISE`). On a device with fused
 kernels a bytes-and-launches rule is enough; on the CPU reference path each kind is a handful of
 small ATen ops plus autograd bookkeeping, and only measuring the real implementation tells what it
-costs. Each benchmark here runs one kind as the model runs it (same modules and kernels) at two
+costs. Each benchmark here runs one kind as the model runs it (same modules and kernels) at three
 sizes and fits time = fixed + per_element * elements, where "elements" means what `compute.py`
 passes for that kind. The GEMMs run through `F.linear` (as `nn.Linear` does) so their fit includes
 the data- and weight-gradient GEMMs, and core attention through causal `scaled_dot_product_attention`.
@@ -149,7 +149,22 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-def eltwise_costs(tokens=(256, 2048), router_gemm: Callable[[int], float] = lambda T: 0.0) -> dict[str, list[float]]:
+def fit_two(rows: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """Least-squares (a, b) of y = a * x1 + b * x2 over (x1, x2, y) rows, no intercept (scale each
+    row by 1 / y beforehand to fit the relative error); None when the two columns are (nearly)
+    proportional, so that no fit separates them."""
+    s11 = sum(x1 * x1 for x1, _, _ in rows)
+    s12 = sum(x1 * x2 for x1, x2, _ in rows)
+    s22 = sum(x2 * x2 for _, x2, _ in rows)
+    s1y = sum(x1 * y for x1, _, y in rows)
+    s2y = sum(x2 * y for _, x2, y in rows)
+    det = s11 * s22 - s12 * s12
+    if det <= 1e-12 * s11 * s22:
+        return None
+    return (s1y * s22 - s2y * s12) / det, (s11 * s2y - s12 * s1y) / det
+
+
+def eltwise_costs(tokens=(64, 512, 2048), router_gemm: Callable[[int], float] = lambda T: 0.0) -> dict[str, list[float]]:
     """kind -> [fixed microseconds, nanoseconds per element], forward + backward together.
     `router_gemm(T)` is the modelled time of the router's own GEMM, which the cost model charges
     separately and is therefore taken out of the routing measurement."""
@@ -202,13 +217,6 @@ def optimizer_cost(shapes=((16, 2**14), (16, 2**18), (96, 2**14))) -> list[float
             torch.nn.utils.clip_grad_norm_(ps, 1.0)
             opt.step()
         rows.append((n, n * size, timed_cold(step)))
-    # two-variable least squares: t = a * tensors + b * params
-    s11 = sum(n * n for n, _, _ in rows)
-    s12 = sum(n * p for n, p, _ in rows)
-    s22 = sum(p * p for _, p, _ in rows)
-    s1t = sum(n * t for n, _, t in rows)
-    s2t = sum(p * t for _, p, t in rows)
-    det = s11 * s22 - s12 * s12
-    a = max(0.0, (s1t * s22 - s2t * s12) / det)
-    b = max(0.0, (s11 * s2t - s12 * s1t) / det)
+    a, b = fit_two(rows)  # t = a * tensors + b * params
+    a, b = max(0.0, a), max(0.0, b)
     return [a * 1e6, b * 1e9]

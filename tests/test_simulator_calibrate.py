@@ -45,6 +45,13 @@ def test_fit_line():
     assert fit_line([(0, 1.0), (10, 21.0), (20, 41.0)]) == (pytest.approx(1.0), pytest.approx(2.0))
 
 
+def test_fit_two():
+    from simulator.opbench import fit_two
+    # y = 1.5 x1 + 0.25 x2, no intercept
+    assert fit_two([(1, 2, 2.0), (2, 1, 3.25), (3, 8, 6.5)]) == (pytest.approx(1.5), pytest.approx(0.25))
+    assert fit_two([(1, 2, 3.0), (2, 4, 6.0)]) is None  # proportional columns: nothing to separate
+
+
 def test_dedicated_step_time_removes_lost_time_slices():
     ranks = [{"wall_s": 1.0, "cpu_s": 0.5, "run_delay_s": 0.2}, {"wall_s": 0.9, "cpu_s": 0.6, "run_delay_s": 0.1}]
     assert dedicated_step_time(ranks) == pytest.approx(0.7)  # 1.0 - 0.2 - 0.1
@@ -208,14 +215,14 @@ def test_validate_runs_the_trainer_and_probes_every_rank(tmp_path):
     assert summarize(rows)["measured"] == 2
 
 
-def test_corrections_train_the_held_out_model_at_two_sizes(monkeypatch):
+def test_corrections_train_the_held_out_model_at_three_sizes(monkeypatch):
     """Plumbing, not accuracy: both sizes of the held-out model run through the real trainer and
     reach the fit as (measured forward + backward, modelled work, modelled fixed cost)."""
     import simulator.calibrate as cal
     seen = []
     monkeypatch.setattr(cal, "fit_corrections", lambda pts: seen.extend(pts) or (1.0, 1.0))
     assert cal.measure_corrections(load_hardware("cpu_calibrated"), log=lambda s: None) == (1.0, 1.0)
-    assert len(seen) == len(cal.CALIBRATION_STEPS) == 2
-    (m1, w1, f1), (m2, w2, f2) = seen
-    assert m1 > 0 and m2 > m1  # the larger step takes longer
-    assert w2 > 4 * w1 and f1 > 0 and f2 == pytest.approx(f1, rel=0.2)  # work grows with tokens, fixed costs do not
+    assert len(seen) == len(cal.CALIBRATION_STEPS) == 3
+    (m1, w1, f1), _, (m3, w3, f3) = seen
+    assert m1 > 0 and m3 > m1  # the larger step takes longer
+    assert w3 > 4 * w1 and f1 > 0 and f3 == pytest.approx(f1, rel=0.2)  # work grows with tokens, fixed costs do not
