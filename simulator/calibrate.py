@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
-from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
+from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, CalibrationError, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
 from simulator.probe import SpeedProbe
 
@@ -258,11 +258,11 @@ def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, fl
     (a noisy machine)."""
     fit = fit_two([(w / m, f / m, 1.0) for m, w, f in points])  # relative errors: small steps count as much
     if fit is None:
-        raise RuntimeError("calibration steps: the sizes do not separate fixed from proportional costs")
+        raise CalibrationError("calibration steps: the sizes do not separate fixed from proportional costs")
     work, overhead = fit
     if work <= 0 or overhead <= 0:
-        raise RuntimeError(f"calibration steps: fitted work x{work:.2f}, overhead x{overhead:.2f} (must be > 0); "
-                           f"the machine was too noisy, run `python -m simulator calibrate` again")
+        raise CalibrationError(f"calibration steps: fitted work x{work:.2f}, overhead x{overhead:.2f} (must be "
+                               f"> 0); the machine was too noisy, run `python -m simulator calibrate` again")
     return work, overhead
 
 
@@ -287,7 +287,7 @@ def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = prin
             case = Case(name=f"calibration-{mbs}x{seq}", micro_batch_size=mbs, seq_len=seq)
             meas = measure(model, case, steps=12, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
             if "error" in meas:
-                raise RuntimeError(f"calibration training step ({case.name}) failed: {meas['error']}")
+                raise CalibrationError(f"calibration training step ({case.name}) failed: {meas['error']}")
             slowdown = meas["probe_s"] / prof.speed_probe
             full = predict(model, bare, case, slowdown=slowdown)
             work = predict(model, work_only, case, slowdown=slowdown)["compute_s"]

@@ -22,7 +22,7 @@ import yaml
 
 from moe.config import ConfigError, from_dict, load_yaml
 from simulator.cost import Simulator
-from simulator.hardware import load_hardware
+from simulator.hardware import CalibrationError, load_hardware
 from simulator.recipe import SimRecipe, resolve_model
 from simulator.report import (describe, estimate_dict, model_line, pareto_front, pareto_plot, table, write_csv,
                               write_json)
@@ -220,3 +220,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CalibrationError as e:
+        print(f"error: {e}; the profile was not written", file=sys.stderr)
+        return 1

@@ -20,6 +20,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
+class CalibrationError(RuntimeError):
+    """`calibrate` could not take or fit a measurement; no profile was written."""
+
+
 @dataclass
 class MatmulEfficiency:
     """Achievable fraction of peak for an (m x k) @ (k x n) GEMM.

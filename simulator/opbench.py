@@ -12,8 +12,8 @@ Timing: each measurement is the mean per call over a batch of calls lasting at l
 a training step's length, so a batch is as exposed to other jobs as a step is), the fastest of
 three batches. With one torch thread the clock is this thread's CPU time. On a shared
 machine other jobs only ever add time (lost time slices, a busy sibling hyperthread, evicted
-caches), so the fastest observation is the repeatable one; `validate` takes the fastest training
-step likewise, and both describe a device of one's own.
+caches), so the fastest observation is the repeatable one. The optimizer step is the exception
+(`timed_cold`): it is timed right after evicting the caches, as the trainer meets it.
 """
 from __future__ import annotations
 

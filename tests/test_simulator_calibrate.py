@@ -121,11 +121,12 @@ def test_simulator_applies_the_corrections_to_forward_and_backward_only():
 
 def test_fit_corrections_recovers_known_factors():
     from simulator.calibrate import fit_corrections
+    from simulator.hardware import CalibrationError
     pts = [(1.3 * w + 2.5 * f, w, f) for w, f in ((0.010, 0.004), (0.090, 0.004), (0.040, 0.006))]
     assert fit_corrections(pts) == (pytest.approx(1.3), pytest.approx(2.5))
-    with pytest.raises(RuntimeError, match="do not separate"):
+    with pytest.raises(CalibrationError, match="do not separate"):
         fit_corrections([(0.03, 0.01, 0.002), (0.06, 0.02, 0.004)])  # same W/F ratio
-    with pytest.raises(RuntimeError, match="too noisy"):
+    with pytest.raises(CalibrationError, match="too noisy"):
         fit_corrections([(0.005, 0.010, 0.004), (0.100, 0.090, 0.004)])  # overhead would be negative
 
 
@@ -226,3 +227,19 @@ def test_corrections_train_the_held_out_model_at_three_sizes(monkeypatch):
     (m1, w1, f1), _, (m3, w3, f3) = seen
     assert m1 > 0 and m3 > m1  # the larger step takes longer
     assert w3 > 4 * w1 and f1 > 0 and f3 == pytest.approx(f1, rel=0.2)  # work grows with tokens, fixed costs do not
+
+
+def test_a_failed_calibration_is_one_line_and_keeps_the_old_profile(tmp_path, monkeypatch, capsys):
+    import simulator.calibrate as cal
+    from simulator.cli import main
+    from simulator.hardware import CalibrationError
+    out = tmp_path / "cpu.yaml"
+    out.write_text("previous profile\n")
+
+    def fail(*a, **k):
+        raise CalibrationError("calibration steps: fitted work x-0.10, overhead x2.00 (must be > 0)")
+    monkeypatch.setattr(cal, "measure_bandwidth", fail)
+    assert main(["calibrate", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: calibration steps: fitted work x-0.10, overhead x2.00 (must be > 0); the profile was not written"]
+    assert out.read_text() == "previous profile\n"
