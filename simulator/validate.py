@@ -103,7 +103,8 @@ def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:
         return scaled_profile(hw, 1.0)
     if c.world not in hw.concurrency_slowdown:
         raise ConfigError(f"hardware.concurrency_slowdown: profile {hw.name!r} has no factor for {c.world} "
-                          f"concurrent ranks (case {c.name}); re-run `python -m simulator calibrate`")
+                          f"concurrent ranks (case {c.name}); re-run `python -m simulator calibrate` "
+                          f"without --no-collectives")
     return scaled_profile(hw, max(1.0, hw.concurrency_slowdown[c.world]))
 
 
