@@ -292,3 +292,23 @@ def test_layout_fields_validate_and_derive():
     assert derive(tiny(), Layout(pp=2, global_batch_size=8, seq_len=16), 2, 4).noop_layers == 1
     with pytest.raises(ConfigError, match="noop_layers"):
         derive(tiny(), Layout(pp=2, global_batch_size=8, seq_len=16), 2, 4, pad_layers=False)
+
+
+def test_ep_exposure_adds_dispatch_and_combine_by_hand():
+    from simulator.layer_cost import LayerCosts
+    cfg = tiny()
+    lay = Layout(tp=1, pp=1, ep=2, dispatcher="alltoall", micro_batch_size=1, seq_len=16, global_batch_size=2,
+                 recompute="none")
+    d = derive(cfg, lay, 2, 4)
+    # 16 tokens x top-2 x 8 bf16 values = 512 bytes of copies; over 2 ranks half of it moves
+    # (256 B at 100 GB/s) with one 10 us step; the count exchange is one more step
+    dispatch, combine = 10e-6 + (256 / 100e9 + 10e-6), 256 / 100e9 + 10e-6
+    plain = LayerCosts(cfg, profile(), SimOptions(overlap_shared_expert=False))("moe", lay, d)
+    assert plain.ep_f == pytest.approx(dispatch + combine) and plain.ep_b == pytest.approx(dispatch + combine)
+    lc = LayerCosts(cfg, profile(), SimOptions())
+    pc = lc("moe", lay, d)
+    shared_f = sum(o.fwd for o in pc.ops if o.name.startswith("shared"))
+    shared_b = sum(o.bwd for o in pc.ops if o.name.startswith("shared"))
+    # the dispatch hides behind the shared expert's forward, the combine's adjoint behind its backward
+    assert pc.ep_f == pytest.approx(dispatch - shared_f + combine)
+    assert pc.ep_b == pytest.approx(combine - shared_b + dispatch)
