@@ -155,15 +155,21 @@ class HardwareProfile:
             raise ConfigError(f"{p}reserved_memory_gb: {self.reserved_memory_gb} leaves no memory of "
                               f"memory_gb={self.memory_gb}")
 
-    def corrected(self, work: Optional[float] = None, overhead: Optional[float] = None) -> "HardwareProfile":
-        """The forward/backward compute rates with the corrections folded in (and reset to 1):
-        proportional rates divided by `work`, fixed costs multiplied by `overhead` (defaults: the
-        profile's own). The optimizer's calibrated cost is a measured step of its own and stays."""
-        w = self.work_correction if work is None else work
-        o = self.overhead_correction if overhead is None else overhead
-        return replace(self, peak_tflops={k: v / w for k, v in self.peak_tflops.items()},
-                       memory_bandwidth_gbps=self.memory_bandwidth_gbps / w, op_overhead_us=self.op_overhead_us * o,
-                       op_costs={k: [a * o, b * w] for k, (a, b) in self.op_costs.items()},
+    def scaled(self, work: float, fixed: float, optimizer: float = 1.0) -> "HardwareProfile":
+        """The profile with its compute-side costs multiplied: the size-proportional ones (GEMM and
+        memory rates, per-element operator costs) by `work`, the fixed ones (launch overhead, the
+        fixed part of operator costs) by `fixed`, the calibrated optimizer step by `optimizer`.
+        Links are left as they are."""
+        return replace(self, peak_tflops={k: v / work for k, v in self.peak_tflops.items()},
+                       memory_bandwidth_gbps=self.memory_bandwidth_gbps / work,
+                       op_overhead_us=self.op_overhead_us * fixed,
+                       op_costs={k: [a * fixed, b * work] for k, (a, b) in self.op_costs.items()},
+                       optimizer_cost=[x * optimizer for x in self.optimizer_cost])
+
+    def corrected(self) -> "HardwareProfile":
+        """The forward/backward compute rates with the profile's corrections folded in (and reset
+        to 1). The optimizer's calibrated cost is a measured step of its own and stays."""
+        return replace(self.scaled(self.work_correction, self.overhead_correction),
                        work_correction=1.0, overhead_correction=1.0)
 
     @property

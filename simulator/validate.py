@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -88,11 +88,7 @@ def scaled_profile(hw: HardwareProfile, slowdown: float) -> HardwareProfile:
     """The profile on a machine whose compute-side work (GEMMs, element-wise operators and their
     fixed costs, memory traffic, the optimizer step) runs `slowdown` times as long. Collective links
     are left as calibrated, and so are the profile's corrections (the simulator applies them)."""
-    f = slowdown
-    return replace(hw, peak_tflops={k: v / f for k, v in hw.peak_tflops.items()},
-                   memory_bandwidth_gbps=hw.memory_bandwidth_gbps / f, op_overhead_us=hw.op_overhead_us * f,
-                   op_costs={k: [a * f, b * f] for k, (a, b) in hw.op_costs.items()},
-                   optimizer_cost=[x * f for x in hw.optimizer_cost])
+    return hw.scaled(slowdown, slowdown, slowdown)
 
 
 def case_profile(hw: HardwareProfile, c: Case) -> HardwareProfile:

@@ -102,7 +102,9 @@ def test_corrected_folds_work_and_overhead_factors():
     assert c.op_costs["rope"] == pytest.approx([a * 3, b * 2])  # [fixed us, ns per element]
     assert c.optimizer_cost == hw.optimizer_cost  # a measured step of its own
     assert (c.work_correction, c.overhead_correction) == (1.0, 1.0)
-    assert hw.corrected(work=1.0, overhead=0.0).op_overhead_us == 0.0
+    zeroed = hw.scaled(1.0, 0.0)  # fixed costs zeroed, as the calibration's work-only model uses
+    assert zeroed.op_overhead_us == 0.0 and zeroed.op_costs["rope"] == pytest.approx([0.0, b])
+    assert zeroed.peak_tflops == hw.peak_tflops and zeroed.optimizer_cost == hw.optimizer_cost
 
 
 def test_simulator_applies_the_corrections_to_forward_and_backward_only():
