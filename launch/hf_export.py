@@ -50,7 +50,8 @@ from typing import Callable, Optional
 
 import torch
 
-from moe.config import ConfigError, ModelConfig, from_dict
+from config import ConfigError, from_dict
+from moe.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ATTN = {"wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from moe.config import ConfigError, ModelConfig, from_dict, load_yaml
+from config import ConfigError, apply_overrides, from_dict, load_yaml
+from moe.config import ModelConfig, model_section
 from parallel.config import ParallelConfig
 
 
@@ -134,18 +135,6 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Load a recipe YAML. `model` may be a mapping or a path (relative to the recipe file) to a model
     YAML. `overrides` maps dotted keys ("train.steps") to values and is applied before validation."""
     data = load_yaml(path)
-    model = data.get("model", {})
-    if isinstance(model, str):
-        model_path = Path(path).parent / model
-        if not model_path.is_file():
-            model_path = Path(model)
-        data["model"] = load_yaml(model_path)
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ConfigError(f"override {dotted!r}: use section.field, e.g. train.steps=10")
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"override {dotted!r}: {section} is not a mapping in {path}")
-        data[section][key] = value
+    data["model"] = model_section(data.get("model", {}), Path(path).parent)
+    apply_overrides(data, overrides or {}, str(path))
     return from_dict(Recipe, data)

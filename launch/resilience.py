@@ -34,7 +34,7 @@ import torch.distributed as dist
 import yaml
 
 from launch.checkpoint import Checkpointer
-from moe.config import to_dict
+from config import to_dict
 
 
 class TrainingAborted(RuntimeError):

@@ -27,7 +27,7 @@ from launch.recipe import Recipe, TrainConfig, load_recipe
 from launch.checkpoint import CheckpointError
 from launch.resilience import Recovery, TrainingAborted
 from moe.accounting import format_params, model_flops_per_token, param_counts
-from moe.config import ConfigError, to_dict
+from config import ConfigError, parse_overrides, to_dict
 from moe.model import MoETransformer
 from parallel.device import device_peak, resolve_device_type
 
@@ -264,16 +264,6 @@ def _summarise(history: list[dict], out_dir: Path, peak) -> None:
           f"(eval {summary['final_eval_loss']:.4f}); median {summary['median_tokens_per_s']:.0f} tokens/s, "
           f"MFU {100 * summary['median_mfu']:.1f}% of {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})")
     print(f"metrics: {out_dir / 'metrics.jsonl'}, TensorBoard: {out_dir / 'tensorboard'}")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.steps=20")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

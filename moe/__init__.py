@@ -3,6 +3,6 @@
 Parallelism is applied from outside (see `parallel/`): this package knows nothing about process
 groups beyond two hooks, the MoE layer's token dispatcher and the router's statistics reducer.
 """
-from moe.config import ConfigError, ModelConfig, from_dict, load_model_config, load_yaml
+from moe.config import ModelConfig, load_model_config
 
-__all__ = ["ConfigError", "ModelConfig", "from_dict", "load_model_config", "load_yaml"]
+__all__ = ["ModelConfig", "load_model_config"]

@@ -1,143 +1,11 @@
-"""Typed configuration: the model shape dataclass and the strict YAML/dict loader.
-
-Every config object in the project (model, training, parallel layout, hardware) is a dataclass that
-is built through `from_dict`, which rejects unknown keys and wrong types with one clear message that
-names the field, and then calls the dataclass's own `validate()` for cross-field rules.
-"""
+"""The model shape: `ModelConfig`, its validation, and loading it from YAML."""
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
+from typing import Literal, Optional
 
-import yaml
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid. The message names the field and how to fix it."""
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; return the converted value or raise ConfigError."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{path}: got {value!r}; allowed: {_type_name(tp)}")
-    if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, path)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" without a dot as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported field type {tp!r}")
-
-
-def from_dict(cls: type[T], data: dict, path: str = "") -> T:
-    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types are errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.init}
-    prefix = f"{path}." if path else ""
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
-            raise ConfigError(f"{prefix}{key}: unknown field for {cls.__name__}{hint}")
-    kwargs = {}
-    for name, f in known.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required field of {cls.__name__} is missing")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate(path)
-    return obj
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of fields")
-    return data
+from config import ConfigError, from_dict, load_yaml, resolve_file
 
 
 def _need(cond: bool, field_path: str, message: str) -> None:
@@ -247,3 +115,16 @@ class ModelConfig:
 
 def load_model_config(path: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, load_yaml(path), "model")
+
+
+def model_section(value, base: Path) -> dict:
+    """A recipe's `model:` entry as a mapping: given inline, or as a model YAML path relative to the
+    recipe's folder `base` (or the working directory)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        found = resolve_file(value, base)
+        if found is None:
+            raise ConfigError(f"model: file {value!r} not found (relative to {base} or the working directory)")
+        return load_yaml(found)
+    raise ConfigError(f"model: expected a path or a mapping of model fields, got {value!r}")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional
 
-from moe.config import ConfigError
+from config import ConfigError
 
 if TYPE_CHECKING:
     from moe.config import ModelConfig

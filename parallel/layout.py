@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from moe.config import ConfigError, ModelConfig
+from config import ConfigError
+from moe.config import ModelConfig
 from parallel.config import ParallelConfig
 
 

@@ -276,7 +276,8 @@ def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = prin
     import tempfile
     from dataclasses import replace
 
-    from moe.config import ModelConfig, from_dict
+    from config import from_dict
+    from moe.config import ModelConfig
     from simulator.validate import Case, measure, predict
     model = from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
     bare = replace(prof, work_correction=1.0, overhead_correction=1.0)

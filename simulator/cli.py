@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
-from moe.config import ConfigError, from_dict, load_yaml
+from config import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 from simulator.cost import Simulator
 from simulator.hardware import CalibrationError, load_hardware
-from simulator.recipe import SimRecipe, resolve_model
+from simulator.recipe import SimRecipe, sim_recipe_from_dict
 from simulator.report import (describe, estimate_dict, model_line, pareto_front, pareto_plot, table, write_csv,
                               write_json)
 from simulator.search import LayoutSpace, ModelSpace, require_feasible, search_layouts, search_models
@@ -31,20 +30,6 @@ from simulator.search import LayoutSpace, ModelSpace, require_feasible, search_l
 GB = 2**30
 COARSE_SPACE = {"vpp": [1, 2], "cp": [1], "zero1": [True], "optimizer_offload": [False], "micro_batch_size": [1],
                 "recompute": ["selective", "full"], "swap": [False, True], "dispatcher": ["alltoall", "hierarchical"]}
-
-
-def _set(data: dict, items: list[str]) -> dict:
-    """Apply section.field=value overrides (YAML-parsed values) to a nested mapping."""
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. layout.tp=4")
-        section, field = key.split(".", 1)
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"--set {item!r}: {section} is not a mapping")
-        data[section][field] = yaml.safe_load(value)
-    return data
 
 
 def _recipe(args) -> tuple[SimRecipe, dict]:
@@ -59,18 +44,11 @@ def _recipe(args) -> tuple[SimRecipe, dict]:
         data["model"] = args.model
     if args.hardware:
         data["hardware"] = args.hardware
-    if args.devices:
+    if args.devices is not None:
         data["num_devices"] = args.devices
-    _set(data, args.set)
-    for need, flag in (("model", "--model"), ("hardware", "--hardware"), ("num_devices", "--devices")):
-        if need not in data:
-            raise ConfigError(f"{need}: missing; give {flag} or a --recipe that sets it")
-    data["model"] = resolve_model(data["model"], base)
-    hw = data["hardware"]
-    if isinstance(hw, str) and hw.endswith(".yaml") and not Path(hw).is_file() and (base / hw).is_file():
-        data["hardware"] = str(base / hw)
+    apply_overrides(data, parse_overrides(args.set, "--set"), args.recipe or "the command line")
     extra = {k: data.pop(k) for k in ("layout_space", "model_space") if k in data}
-    return from_dict(SimRecipe, data), extra
+    return sim_recipe_from_dict(data, base, "the command line (give --model/--hardware/--devices or a --recipe)"), extra
 
 
 def _simulator(r: SimRecipe) -> Simulator:

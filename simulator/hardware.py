@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from moe.config import ConfigError, from_dict, load_yaml
+from config import ConfigError, from_dict, load_yaml, resolve_file
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 
@@ -193,6 +193,15 @@ class HardwareProfile:
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
+
+
+def resolve_hardware(value, base: Path):
+    """A recipe's `hardware:` entry: a profile name stays a name; a YAML path is looked up relative
+    to the recipe's folder `base` first, then the working directory."""
+    if isinstance(value, str) and value.endswith(".yaml"):
+        found = resolve_file(value, base)
+        return str(found) if found is not None else value
+    return value
 
 
 def load_hardware(name_or_path: str | Path) -> HardwareProfile:

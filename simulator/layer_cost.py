@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moe.config import ConfigError, ModelConfig
+from config import ConfigError
+from moe.config import ModelConfig
 from simulator import comm as C
 from simulator import memory as M
 from simulator.compute import ComputeModel, Op

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from moe.config import ConfigError, ModelConfig
+from config import ConfigError
+from moe.config import ModelConfig
 
 
 @dataclass

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe.config import ConfigError, ModelConfig, from_dict, load_yaml
+from config import ConfigError, from_dict, load_yaml
+from moe.config import ModelConfig, model_section
 from simulator.cost import SimOptions
+from simulator.hardware import resolve_hardware
 from simulator.layout import Layout
-
-SIM_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "simulator"
 
 
 @dataclass
@@ -31,25 +31,16 @@ class SimRecipe:
             raise ConfigError(f"num_devices: must be >= 1, got {self.num_devices}")
 
 
-def resolve_model(value, base: Path) -> dict:
-    """A model given as a mapping, or as a path relative to `base` (or the working directory)."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str):
-        for cand in (base / value, Path(value)):
-            if cand.is_file():
-                return load_yaml(cand)
-        raise ConfigError(f"model: file {value!r} not found (relative to {base} or the working directory)")
-    raise ConfigError(f"model: expected a path or a mapping of model fields, got {value!r}")
+def sim_recipe_from_dict(data: dict, base: Path, origin: str = "the recipe") -> SimRecipe:
+    """A SimRecipe from its raw mapping, its `model` and `hardware` files looked up relative to
+    `base` (the recipe's folder) first."""
+    for need in ("model", "hardware", "num_devices"):
+        if need not in data:
+            raise ConfigError(f"{need}: missing from {origin}; set it in the recipe or on the command line")
+    data = dict(data, model=model_section(data["model"], base), hardware=resolve_hardware(data["hardware"], base))
+    return from_dict(SimRecipe, data)
 
 
 def load_sim_recipe(path: str | Path) -> SimRecipe:
     p = Path(path)
-    data = load_yaml(p)
-    if "model" not in data:
-        raise ConfigError(f"{p}: model: required (a model YAML path or a mapping)")
-    data["model"] = resolve_model(data["model"], p.parent)
-    hw = data.get("hardware")
-    if isinstance(hw, str) and hw.endswith(".yaml") and not Path(hw).is_file() and (p.parent / hw).is_file():
-        data["hardware"] = str(p.parent / hw)
-    return from_dict(SimRecipe, data)
+    return sim_recipe_from_dict(load_yaml(p), p.parent, str(p))

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from moe import accounting as acc
-from moe.config import ConfigError, ModelConfig
+from config import ConfigError
+from moe.config import ModelConfig
 from simulator.cost import Estimate, SimOptions, Simulator
 from simulator.hardware import HardwareProfile
 from simulator.layout import Layout, derive

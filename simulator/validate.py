@@ -31,7 +31,8 @@ from typing import Callable, Literal, Optional
 
 import yaml
 
-from moe.config import ConfigError, ModelConfig, from_dict, load_yaml
+from config import ConfigError, from_dict, load_yaml
+from moe.config import ModelConfig
 from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, load_hardware
 from simulator.layout import Layout

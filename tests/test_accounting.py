@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from moe import accounting as acc
-from moe.config import ModelConfig, from_dict, load_model_config
+from config import from_dict
+from moe.config import ModelConfig, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import yaml
 from launch.checkpoint import Checkpointer
 from launch.recipe import CheckpointConfig
 from launch.train import run
-from moe.config import to_dict
+from config import to_dict
 from test_checkpoint import KEYS, data_dir, recipe  # noqa: F401 (data_dir: shared fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from launch.checkpoint import Checkpointer
 from launch.recipe import CheckpointConfig
-from moe.config import to_dict
+from config import to_dict
 from parallel.config import ParallelConfig
 from test_checkpoint import data_dir, recipe, uninterrupted  # noqa: F401 (shared fixtures)
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from launch.recipe import load_recipe
-from moe.config import ConfigError, ModelConfig, from_dict, load_model_config
+from config import ConfigError, from_dict
+from moe.config import ModelConfig, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def _write(tmp_path, data):
     ({"trian": {}}, "trian: unknown field for Recipe; did you mean 'train'?"),
     ({"data": {"path": "/nonexistent/corpus"}}, "data.path: Megatron dataset /nonexistent/corpus.bin not found"),
     ({"parallel": {"ep": 0}}, "parallel.ep: must be >= 1, got 0"),
-    ({"model": "missing_model.yaml"}, "missing_model.yaml: config file not found"),
+    ({"model": "missing_model.yaml"}, "model: file 'missing_model.yaml' not found"),
 ])
 def test_bad_recipe_message(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=None) as e:

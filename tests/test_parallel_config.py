@@ -6,7 +6,8 @@ import pytest
 import torch.distributed as dist
 
 from launch.recipe import Recipe
-from moe.config import ConfigError, ModelConfig, from_dict
+from config import ConfigError, from_dict
+from moe.config import ModelConfig
 from parallel.config import ParallelConfig
 from parallel.layout import Layout
 from parallel.runtime import validate_layout

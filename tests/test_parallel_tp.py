@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from moe.config import ConfigError, ModelConfig
+from config import ConfigError
+from moe.config import ModelConfig
 from parallel.config import ParallelConfig
 from parallel.layout import Layout, take_shard
 from parallel.runtime import validate_layout

@@ -19,7 +19,8 @@ import yaml
 from launch.recipe import ResilienceConfig, TrainConfig
 from launch.resilience import GracefulStop, StepGuard, TrainingAborted
 from launch.train import build_optimizer, main, run, train_step
-from moe.config import ModelConfig, to_dict
+from config import to_dict
+from moe.config import ModelConfig
 from moe.model import MoETransformer
 from test_checkpoint import TINY, data_dir, recipe  # noqa: F401 (data_dir: shared fixture)
 

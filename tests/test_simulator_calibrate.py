@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moe.config import ConfigError
+from config import ConfigError
 from simulator.calibrate import fit_link, fit_matmul, predict_linear
 from simulator.comm import all_gather, all_reduce, all_to_all
 from simulator.hardware import MatmulEfficiency, load_hardware

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from moe import accounting as acc
-from moe.config import ConfigError, ModelConfig, from_dict
+from config import ConfigError, from_dict
+from moe.config import ModelConfig
 from simulator import comm as C
 from simulator import memory as M
 from simulator.compute import ComputeModel

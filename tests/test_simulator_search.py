@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from moe.config import ConfigError, ModelConfig, from_dict, load_model_config
+from config import ConfigError, from_dict
+from moe.config import ModelConfig, load_model_config
 from simulator.cli import main
 from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, Link, MatmulEfficiency, load_hardware
