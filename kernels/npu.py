@@ -27,16 +27,23 @@ from .base import check_grouped_mm_inputs
 from .fast import FastKernels
 
 
-def load_torch_npu() -> ModuleType | None:
-    """Return torch_npu if it is importable and has npu_grouped_matmul, else None."""
+def import_torch_npu() -> ModuleType | None:
+    """torch_npu if it imports here, else None (any failure to import it means "not available"). The
+    one place the project looks for it: kernels and `parallel/device.py` both ask here."""
     mod = sys.modules.get("torch_npu")
     if mod is None:
         try:
             if importlib.util.find_spec("torch_npu") is None:
                 return None
-            mod = importlib.import_module("torch_npu")
+            mod = importlib.import_module("torch_npu")  # registers torch.npu
         except Exception:
             return None
+    return mod
+
+
+def load_torch_npu() -> ModuleType | None:
+    """Return torch_npu if it is importable and has npu_grouped_matmul, else None."""
+    mod = import_torch_npu()
     return mod if callable(getattr(mod, "npu_grouped_matmul", None)) else None
 
 

@@ -15,8 +15,8 @@ COMMANDS = {
     "train": ("launch.train", "train a model from a recipe YAML (also under torchrun)"),
     "prepare-data": ("launch.prepare_data", "turn text or JSONL into a Megatron .bin/.idx dataset"),
     "simulate": ("simulator.cli", "predict step time, MFU and memory; search layouts and model shapes"),
-    "export-hf": ("launch.hf_export", "export a checkpoint's model to Hugging Face layout (DeepSeek-V3 names)"),
-    "import-hf": ("launch.hf_import", "turn a Hugging Face model directory into a weights-only checkpoint"),
+    "export-hf": ("launch.hf.export", "export a checkpoint's model to Hugging Face layout (DeepSeek-V3 names)"),
+    "import-hf": ("launch.hf.import_", "turn a Hugging Face model directory into a weights-only checkpoint"),
 }
 
 

@@ -49,6 +49,10 @@ class MoELayer(nn.Module):
         # Last forward's kept assignments per expert (metrics: load imbalance).
         self.register_buffer("last_load", torch.zeros(cfg.num_experts), persistent=False)
 
+    def routing_load(self) -> torch.Tensor:
+        """Kept token assignments per expert of the last forward pass (for load metrics)."""
+        return self.last_load
+
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         b, s, d = x_BSD.shape
         x_TD = x_BSD.reshape(b * s, d)

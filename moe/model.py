@@ -108,6 +108,11 @@ class MoETransformer(nn.Module):
         for layer in self.moe_layers():
             layer.router.update_bias()
 
+    def discard_pending_load(self) -> None:
+        """Drop every router's counts since the last bias update (after a skipped step)."""
+        for layer in self.moe_layers():
+            layer.router.discard_pending_load()
+
 
 def _cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
                    mask_BS: Optional[torch.Tensor]) -> torch.Tensor:

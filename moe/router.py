@@ -126,6 +126,17 @@ class Router(nn.Module):
             return balance_loss(scores_TE, expert_idx_TK, cfg.num_experts, counts_E=scaled)
         return balance_loss(scores_TE, expert_idx_TK, cfg.num_experts)
 
+    def pending_load(self) -> Optional[torch.Tensor]:
+        """The kept-assignment counts gathered since the last bias update (aux-loss-free balancing),
+        or None without `expert_bias`. The live buffer: a data-parallel reducer sums it in place
+        over replicas before `update_bias` reads it."""
+        return self.load_since_update if self.cfg.expert_bias else None
+
+    @torch.no_grad()
+    def discard_pending_load(self) -> None:
+        """Forget the counts since the last bias update (a skipped step must not steer the bias)."""
+        self.load_since_update.zero_()
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""

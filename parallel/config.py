@@ -1,21 +1,28 @@
 """The parallel layout of a run, as a typed config shared by the runtime and the simulator.
 
+`ParallelConfig` is the one definition of a layout: the trainer reads it from a recipe's `parallel:`
+section, and the simulator's `Layout` (simulator/layout.py) is this class plus the fields only the
+simulator varies today (virtual stages, batch, recomputation and swap policy).
+
 `validate()` checks the fields on their own (from the YAML loader); `check_world()` checks the layout
-against a world size and a model shape, and is called before any process group is created, so every
-inconsistency is one `ConfigError` naming the field to change, not a hang inside a collective.
+against a world size and a model shape. Both the trainer (before any process group is created) and
+the simulator (for every layout it costs) call `check_world`, so a layout one accepts the other
+accepts, and a bad one is the same `ConfigError` naming the field to change. `check_runtime_support`
+names the fields the training runtime cannot run yet.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 from config import ConfigError
 
 if TYPE_CHECKING:
     from moe.config import ModelConfig
 
-DISPATCHERS = ("local", "allgather", "alltoall", "hierarchical")
+Dispatcher = Literal["local", "allgather", "alltoall", "hierarchical"]
+DISPATCHERS: tuple[str, ...] = get_args(Dispatcher)
 
 
 def _divisors(n: int) -> str:
@@ -28,17 +35,26 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     cp: int = 1
+    etp: Optional[int] = None  # expert tensor parallelism; None = same as tp
     tp_extend_ep: bool = False  # MoE layers: TP ranks split experts instead of expert weights
-    dispatcher: Literal["local", "allgather", "alltoall", "hierarchical"] = "alltoall"
+    sequence_parallel: bool = False  # with TP: shard the tokens outside TP regions over the TP ranks
+    dispatcher: Dispatcher = "alltoall"
     devices_per_node: int = 8  # node structure for the hierarchical all-to-all; a setting on CPU
     zero1: bool = False  # shard optimizer states over data-parallel ranks
     overlap: bool = True  # run the shared expert while the dispatch communication is in flight
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
-        for name in ("tp", "pp", "ep", "cp", "devices_per_node"):
+        for name in ("tp", "pp", "ep", "cp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
+        if self.devices_per_node is not None and self.devices_per_node < 1:
+            raise ConfigError(f"{p}devices_per_node: must be >= 1, got {self.devices_per_node}")
+        if self.etp is not None and self.etp < 1:
+            raise ConfigError(f"{p}etp: must be >= 1 (or null for etp = tp), got {self.etp}")
+        if self.tp_extend_ep and self.etp not in (None, 1):
+            raise ConfigError(f"{p}etp: tp_extend_ep splits experts over the TP ranks, so expert weights "
+                              f"are not split; set etp to 1 or null, got {self.etp}")
         # The YAML loader checks the Literal already; this catches configs built in code.
         if self.dispatcher not in DISPATCHERS:
             raise ConfigError(f"{p}dispatcher: unknown dispatcher {self.dispatcher!r}; "
@@ -52,65 +68,87 @@ class ParallelConfig:
     @property
     def expert_tp(self) -> int:
         """Ranks each expert's weights are split over."""
-        return 1 if self.tp_extend_ep else self.tp
+        if self.tp_extend_ep:
+            return 1
+        return self.tp if self.etp is None else self.etp
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tp * self.cp * self.pp)
 
-    def check_world(self, world_size: int, model: Optional["ModelConfig"] = None, path: str = "parallel") -> None:
-        """Raise ConfigError unless this layout tiles `world_size` ranks (and fits `model`)."""
+    def check_world(self, world_size: int, model: Optional["ModelConfig"] = None, path: str = "parallel",
+                    devices_per_node: Optional[int] = None) -> None:
+        """Raise ConfigError unless this layout tiles `world_size` ranks (and fits `model`).
+        `devices_per_node` stands in for the field when that is unset (the simulator's layouts
+        take it from the hardware profile)."""
         self.validate(path)
         p = f"{path}." if path else ""
         dense = self.tp * self.cp * self.pp
         if world_size % dense:
             raise ConfigError(f"{p}tp: world size {world_size} is not a multiple of tp*cp*pp = "
                               f"{self.tp}*{self.cp}*{self.pp} = {dense}; change tp/cp/pp or the number of processes")
-        dp = world_size // dense
-        stage = dp * self.cp * self.tp  # ranks of one pipeline stage: both sides tile them
-        ep_size = self.expert_parallel
-        if stage % (ep_size * self.expert_tp):
+        stage = world_size // self.pp  # ranks of one pipeline stage: both sides tile them
+        ep_size, etp = self.expert_parallel, self.expert_tp
+        if stage % (ep_size * etp):
             what = f"ep*tp = {ep_size}" if self.tp_extend_ep else f"ep = {self.ep}"
+            if etp != self.tp and not self.tp_extend_ep:
+                what += f" (times etp = {etp})"
             raise ConfigError(f"{p}ep: {what} does not divide the {stage} ranks of a pipeline stage "
-                              f"(world size {world_size} / pp {self.pp}); choose ep among {_divisors(stage // self.expert_tp)} "
-                              f"or start a multiple of {self.pp * math.lcm(ep_size * self.expert_tp, self.tp * self.cp)} processes")
+                              f"(world size {world_size} / pp {self.pp}); choose ep among {_divisors(stage // etp)} "
+                              f"or start a multiple of {self.pp * math.lcm(ep_size * etp, self.tp * self.cp)} processes")
         if model is not None and model.num_experts % ep_size:
             raise ConfigError(f"{p}ep: model.num_experts={model.num_experts} is not divisible by "
                               f"{'ep*tp' if self.tp_extend_ep else 'ep'}={ep_size}; choose ep among "
                               f"{_divisors(model.num_experts)}")
-        if model is not None and self.tp > 1:
+        if model is not None:
             self._check_tp_split(model, p)
-        if world_size > self.devices_per_node and world_size % self.devices_per_node:
-            raise ConfigError(f"{p}devices_per_node: {self.devices_per_node} does not divide the world size "
+        node = devices_per_node if self.devices_per_node is None else self.devices_per_node
+        if node is not None and world_size > node and world_size % node:
+            raise ConfigError(f"{p}devices_per_node: {node} does not divide the world size "
                               f"{world_size}; set it to the number of ranks on each node")
         if self.dispatcher == "local" and ep_size > 1:
             raise ConfigError(f"{p}dispatcher: 'local' keeps every expert on every rank, but ep={ep_size}; "
                               "use 'alltoall', 'allgather' or 'hierarchical', or set ep: 1")
         if self.dispatcher == "hierarchical" and ep_size > 1:
-            node = self.devices_per_node
-            if self.expert_tp != 1:
+            if etp != 1:
                 raise ConfigError(f"{p}dispatcher: 'hierarchical' needs contiguous EP groups; "
                                   "set tp_extend_ep: true or tp: 1")
-            if ep_size % node and node % ep_size:
+            if node is not None and ep_size % node and node % ep_size:
                 raise ConfigError(f"{p}devices_per_node: the hierarchical dispatcher needs each EP group to "
                                   f"fill whole nodes or fit inside one; ep={ep_size} and devices_per_node="
                                   f"{node} do not divide one another")
 
     def _check_tp_split(self, model: "ModelConfig", p: str) -> None:
-        """Every width that tensor parallelism splits must divide evenly over the tp ranks."""
-        tp = self.tp
-        widths = [("model.num_heads", model.num_heads, "")]
+        """Every width that tensor parallelism splits must divide evenly over its ranks."""
+        tp, etp = self.tp, self.expert_tp
+        widths = [("tp", tp, "model.num_heads", model.num_heads, "")]
         if model.attention == "gqa":
-            widths.append(("model.num_kv_heads", model.num_kv_heads, ""))
+            widths.append(("tp", tp, "model.num_kv_heads", model.num_kv_heads, ""))
         moe = model.num_moe_layers > 0
         if model.first_k_dense > 0 or (model.mtp_layers > 0 and not moe):  # some layer has a dense MLP
-            widths.append(("model.dense_ffn_size", model.dense_ffn_size, ""))
+            widths.append(("tp", tp, "model.dense_ffn_size", model.dense_ffn_size, ""))
         if moe and model.num_shared_experts > 0:
-            widths.append(("the shared experts' width model.num_shared_experts*expert_ffn_size",
+            widths.append(("tp", tp, "the shared experts' width model.num_shared_experts*expert_ffn_size",
                            model.num_shared_experts * model.expert_ffn_size, ""))
         if moe and not self.tp_extend_ep:
-            widths.append(("model.expert_ffn_size", model.expert_ffn_size,
+            widths.append(("etp" if self.etp is not None and self.etp != tp else "tp", etp,
+                           "model.expert_ffn_size", model.expert_ffn_size,
                            ", or set tp_extend_ep: true (TP ranks then split experts, not their weights)"))
-        for what, n, alternative in widths:
-            if n % tp:
-                raise ConfigError(f"{p}tp: {what}={n} is not divisible by tp={tp}; choose tp among "
+        for name, ranks, what, n, alternative in widths:
+            if n % ranks:
+                raise ConfigError(f"{p}{name}: {what}={n} is not divisible by {name}={ranks}; choose {name} among "
                                   f"{_divisors(n)}{alternative}")
+
+
+def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
+    """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
+    p = f"{path}." if path else ""
+    for name in ("pp", "cp"):
+        if getattr(cfg, name) != 1:
+            raise ConfigError(f"{p}{name}: {name}={getattr(cfg, name)} is not supported by the training "
+                              f"runtime yet (tensor, expert and data parallelism are); set {name}: 1")
+    if cfg.etp is not None and cfg.etp != cfg.tp and not cfg.tp_extend_ep:
+        raise ConfigError(f"{p}etp: expert tensor parallelism other than tp (etp={cfg.etp}, tp={cfg.tp}) is not "
+                          f"supported by the training runtime yet; set etp: null, or tp_extend_ep: true")
+    if cfg.sequence_parallel and cfg.tp > 1:
+        raise ConfigError(f"{p}sequence_parallel: not supported by the training runtime yet (every TP rank "
+                          f"holds all tokens outside the TP regions); set sequence_parallel: false")

@@ -42,8 +42,16 @@ def _all_reduce_mean(tensors: list[torch.Tensor], group, divisor: int) -> None:
         t.copy_(reduced)
 
 
+def local_grad_norm(params: list[torch.Tensor], max_norm: float = 0.0) -> float:
+    """The gradient norm of one process (no data parallelism), clipped to `max_norm` when > 0:
+    what `GradReducer` computes over ranks, as `torch.nn.utils.clip_grad_norm_` computes it."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
 class GradReducer:
-    """The `grad_reducer` hook of `launch.train.train_step`: call after backward, before the
+    """The `grad_reducer` hook of `launch.trainer.step.train_step`: call after backward, before the
     optimizer step. Returns the global gradient norm (before clipping)."""
 
     def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str],
@@ -106,6 +114,6 @@ class GradReducer:
         """Sum the aux-loss-free load counts over the expert-data-parallel replicas; the router's
         `stats_reducer` then sums over the EP group, so every rank updates its bias from the load of
         the whole global batch and all replicas keep identical biases."""
-        loads = [r.load_since_update for r in self.routers if r.cfg.expert_bias]
+        loads = [load for load in (r.pending_load() for r in self.routers) if load is not None]
         if loads and self.meshes.layout.edp > 1:
             _all_reduce_mean(loads, self.meshes.edp_group, 1)

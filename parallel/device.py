@@ -5,22 +5,19 @@ and CUDA installs never need it.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 
 import torch
 
+from kernels.npu import import_torch_npu
+from parallel.peaks import QUOTED_PEAKS_TFLOPS, quoted_peak
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
-# Quoted dense BF16 peaks (TFLOP/s) for devices we know; CPU peaks are measured instead.
-KNOWN_PEAKS_TFLOPS = {"Ascend910B": 313.0, "H100": 989.0, "H800": 989.0}
 
 
 def npu_available() -> bool:
-    if importlib.util.find_spec("torch_npu") is None:
-        return False
-    import torch_npu  # noqa: F401  (registers torch.npu)
-    return torch.npu.is_available()
+    return import_torch_npu() is not None and torch.npu.is_available()
 
 
 def resolve_device_type(requested: str = "auto") -> str:
@@ -62,15 +59,17 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, se
 
 
 def device_peak(device_type: str, dtype: torch.dtype) -> Peak:
+    """The MFU denominator: measured on CPU at `dtype`; elsewhere the quoted dense BF16 peak
+    (parallel/peaks.py), the convention MFU figures are published in, whatever the run's dtype."""
     if device_type == "cpu":
         return measure_matmul_peak(dtype)
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, tflops in KNOWN_PEAKS_TFLOPS.items():
-            if key in name:
-                return Peak(tflops * 1e12, f"quoted: {key}")
-    if device_type == "npu":
-        return Peak(KNOWN_PEAKS_TFLOPS["Ascend910B"] * 1e12, "quoted: Ascend910B")
+    name = {"cuda": torch.cuda.get_device_name, "npu": lambda: torch.npu.get_device_name()}.get(device_type)
+    found = quoted_peak(name() if name else "")
+    source = ""
+    if found is None and device_type == "npu":  # 910B SKUs report several names; assume the common one
+        found, source = ("Ascend910B", QUOTED_PEAKS_TFLOPS["Ascend910B"]), " (assumed)"
+    if found is not None:
+        return Peak(found[1]["bf16"] * 1e12, f"quoted: {found[0]} bf16{source}")
     return Peak(float("nan"), "unknown device: MFU not reported")
 
 
@@ -78,7 +77,7 @@ def set_local_device(device_type: str, local_rank: int) -> None:
     """Bind this process to device `local_rank` of its node (one process per NPU/GPU, as torchrun
     starts them). CPU processes share the host: nothing to bind."""
     if device_type == "npu":
-        import torch_npu  # noqa: F401
+        import_torch_npu()
         torch.npu.set_device(local_rank)
     elif device_type == "cuda":
         torch.cuda.set_device(local_rank)

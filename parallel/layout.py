@@ -13,17 +13,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from config import ConfigError
 from moe.config import ModelConfig
 from parallel.config import ParallelConfig
-
-
-def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
-    """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
-    for name in ("pp", "cp"):
-        if getattr(cfg, name) != 1:
-            raise ConfigError(f"{path}.{name}: {name}={getattr(cfg, name)} is not supported by the training "
-                              f"runtime yet (tensor, expert and data parallelism are); set {name}: 1")
 
 
 class Shard(NamedTuple):
@@ -123,3 +114,20 @@ class Layout:
                 f"MoE pp{self.pp} x edp{self.edp} x ep{self.ep} x etp{self.etp}; "
                 f"{self.num_nodes()} node(s) of {self.devices_per_node} (EP group: {self.ep_inter} node(s) "
                 f"x {self.ep_intra} rank(s))")
+
+
+def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:
+    """No-op layers per virtual stage. They go where the extra work is: first the chunks of the last
+    pipeline rank (output head, MTP), latest chunk first, then those of the first rank (embedding),
+    then the remaining stages from the end. Real layers fill the other slots in order."""
+    n = pp * vpp
+    order = [c * pp + pp - 1 for c in reversed(range(vpp))]
+    order += [c * pp for c in reversed(range(vpp)) if c * pp not in order]
+    order += [s for s in reversed(range(n)) if s not in order]
+    out = [0] * n
+    for s in order:
+        take = min(per_chunk, noop)
+        out[s], noop = take, noop - take
+        if not noop:
+            break
+    return out

@@ -28,7 +28,7 @@ class Meshes:
     @classmethod
     def build(cls, layout: Layout, device_type: str = "cpu", nodes: bool = False) -> "Meshes":
         if not dist.is_initialized():
-            raise RuntimeError("Meshes.build: torch.distributed is not initialised (launch/distributed.py does it)")
+            raise RuntimeError("Meshes.build: torch.distributed is not initialised (launch/trainer/distributed.py does it)")
         if dist.get_world_size() != layout.world:
             raise RuntimeError(f"Meshes.build: layout is for {layout.world} ranks, the world has {dist.get_world_size()}")
         dense = DeviceMesh(device_type, torch.from_numpy(layout.dense_grid()),

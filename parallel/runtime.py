@@ -5,12 +5,16 @@
 installs the dispatchers and the gradient reducer; `shards` then says where each split parameter
 sits in the full one (for checkpoints and tests);
 `wrap_optimizer` adds ZeRO-1 when configured; `step_metrics` and `mean_over_dp` produce the log line
-(collectives: call them on every rank). Used by launch/train.py under torchrun and by the tests.
+(collectives: call them on every rank). Used by launch/trainer/ under torchrun and by the tests.
+
+`LocalRuntime` is the same interface for a single process (world size 1): no process group, no
+split parameters, the gradient norm and clipping of one process, identity averages. The trainer
+always holds one of the two, so its code has no single-process special cases.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -18,10 +22,10 @@ from torch import nn
 
 from moe.config import ModelConfig
 from parallel.comm import CommStats
-from parallel.config import ParallelConfig
-from parallel.data_parallel import GradReducer
+from parallel.config import ParallelConfig, check_runtime_support
+from parallel.data_parallel import GradReducer, local_grad_norm
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.layout import Layout, Shard, check_runtime_support
+from parallel.layout import Layout, Shard
 from parallel.mesh import Meshes
 from parallel.metrics import step_metrics
 from parallel.tensor_parallel import TPPlan, apply_tensor_parallel
@@ -91,6 +95,9 @@ class ParallelRuntime:
     def step_metrics(self) -> dict:
         return step_metrics(self.stats, self.meshes, self.device)
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def mean_over_dp(self, values: dict[str, float]) -> dict[str, float]:
         """Average per-rank scalars (local-micro-batch losses) into global-batch values."""
         keys = sorted(values)
@@ -98,3 +105,49 @@ class ParallelRuntime:
                          else torch.float32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.meshes.dp_group)
         return {k: float(v) / self.layout.dp for k, v in zip(keys, t.tolist())}
+
+
+@dataclass
+class LocalRuntime:
+    """`ParallelRuntime`'s interface for one process: rank 0 of a world of 1, nothing split, no
+    collectives. `grad_reducer` clips (or only measures) the local gradients exactly as a
+    single-device loop does, so losses are those of the plain single-process run."""
+
+    layout: Layout
+    device: str = "cpu"
+    stats: CommStats = field(default_factory=lambda: CommStats(0, lambda rank: 0))
+    expert_param_names: list[str] = field(default_factory=list)
+    shards: dict[str, tuple[Shard, ...]] = field(default_factory=dict)
+    tp_partial_names: list[str] = field(default_factory=list)
+    rank: int = 0
+    is_main: bool = True
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @classmethod
+    def setup(cls, cfg: Optional[ParallelConfig] = None, model: Optional[ModelConfig] = None,
+              device: str = "cpu") -> "LocalRuntime":
+        """Validates `cfg` (default: the trivial layout) for a world of one process."""
+        return cls(validate_layout(cfg if cfg is not None else ParallelConfig(), model, 1), device)
+
+    @staticmethod
+    def grad_reducer(params, max_norm: float = 0.0) -> float:
+        return local_grad_norm(params, max_norm)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        return optimizer
+
+    def step_metrics(self) -> dict:
+        return {}
+
+    def barrier(self) -> None:
+        pass
+
+    def mean_over_dp(self, values: dict[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in values.items()}
+
+
+Runtime = Union[ParallelRuntime, LocalRuntime]

@@ -11,6 +11,8 @@ unsharded optimizer, with the moments stored once per replica group instead of o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,17 +35,28 @@ class _Bucket:
         self.hi = min(self.numel, self.lo + self.shard_len)
         self.shard = nn.Parameter(self._gather_slice([p.detach() for p in params]).float())
 
-    def _gather_slice(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Elements [lo, hi) of the concatenation of `tensors`, without flattening all of them."""
-        parts, offset = [], 0
-        for t in tensors:
-            a, b = max(self.lo, offset), min(self.hi, offset + t.numel())
+    def overlaps(self) -> Iterator[tuple[int, int, int, int]]:
+        """(i, start, end, shard_pos) for each parameter i overlapping this rank's shard: elements
+        [start, end) of its flat view are shard elements [shard_pos, shard_pos + end - start)."""
+        offset = 0
+        for i, p in enumerate(self.params):
+            a, b = max(self.lo, offset), min(self.hi, offset + p.numel())
             if a < b:
-                parts.append(t.reshape(-1)[a - offset:b - offset])
-            offset += t.numel()
+                yield i, a - offset, b - offset, a - self.lo
+            offset += p.numel()
+
+    def _gather_slice(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Elements [lo, hi) of the concatenation of `tensors` (shaped as `params`), without
+        flattening all of them."""
+        parts = [tensors[i].reshape(-1)[a:b] for i, a, b, _ in self.overlaps()]
         if not parts:
             return tensors[0].new_zeros(0)
         return torch.cat(parts).clone()
+
+    @torch.no_grad()
+    def refresh_shard(self) -> None:
+        """Copy this rank's slice of the parameters into the fp32 shard (after they were loaded)."""
+        self.shard.data.copy_(self._gather_slice([p.detach() for p in self.params]))
 
     def load_grad(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -61,10 +74,22 @@ class _Bucket:
             offset += p.numel()
 
 
+@dataclass
+class ShardState:
+    """One bucket's optimizer state on this rank, for checkpoints."""
+
+    params: list[nn.Parameter]  # every parameter of the bucket: each shares the `scalars`
+    scalars: dict[str, torch.Tensor]  # 0-dim state (AdamW's step), one per bucket
+    # (param, start, end, per-element state): elements [start, end) of the parameter's flat view,
+    # each state as the 1-D view of the shard's state that holds them
+    pieces: list[tuple[nn.Parameter, int, int, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
 class ZeroOptimizer:
     """Drop-in for the wrapped optimizer in the training loop: `param_groups` (set the lr there),
-    `step()`, `zero_grad()`. launch/checkpoint_state.py saves the shards at full shape and reads the
-    bucket internals (`buckets`, `inner`, `lo`, `hi`, `params`, `shard`): change both together."""
+    `step()`, `zero_grad()`. For checkpoints, `state_blocks()` says which piece of which parameter
+    each of this rank's optimizer states holds, `reload_shards()` refills the fp32 shards after the
+    parameters were loaded, and `inner` is the torch optimizer over the shards."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, meshes: Meshes,
                  expert_param_names: list[str]):
@@ -106,6 +131,26 @@ class ZeroOptimizer:
                     p.grad = None
                 elif p.grad is not None:
                     p.grad.zero_()
+
+    def state_blocks(self) -> list[ShardState]:
+        """This rank's optimizer state, bucket by bucket, as pieces of the parameters it covers
+        (views of the live state: loading into them restores it). Call after the state exists."""
+        out = []
+        for b in self.buckets:
+            state = self.inner.state[b.shard]
+            for k, v in state.items():
+                if not torch.is_tensor(v):
+                    raise TypeError(f"optimizer state {k!r} is a {type(v).__name__}; only tensors are checkpointed")
+            pieces = [(b.params[i], lo, hi, {k: v[pos:pos + hi - lo] for k, v in state.items() if v.dim()})
+                      for i, lo, hi, pos in b.overlaps()]
+            out.append(ShardState(list(b.params), {k: v for k, v in state.items() if not v.dim()}, pieces))
+        return out
+
+    @torch.no_grad()
+    def reload_shards(self) -> None:
+        """After the parameters were loaded (a checkpoint): refill the fp32 shards from them."""
+        for b in self.buckets:
+            b.refresh_shard()
 
     def state_numel(self) -> int:
         """Optimizer-state elements held by this rank (what ZeRO-1 divides)."""

@@ -314,6 +314,8 @@ def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: b
 
 
 def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> HardwareProfile:
+    """Every measurement in the order the profile needs them, then the profile. One sequence on
+    purpose (about 60 lines): the speed probe must sit between the measurements it brackets."""
     t_start = time.perf_counter()
     log(f"calibrating on {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads")
     # the speed probe, taken between the measurements below: the baseline `validate` compares

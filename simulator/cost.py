@@ -22,12 +22,13 @@ from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
 from simulator.layout import Derived, Layout, derive
-from simulator.schedule import Timeline, in_flight_per_chunk, num_warmup, simulate
+from parallel.layout import noop_placement
+from simulator.schedule import Timeline, in_flight_per_chunk, simulate, step_breakdown
 
 GB = 2**30
 KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
 
-__all__ = ["Estimate", "SimOptions", "Simulator", "noop_placement"]
+__all__ = ["Estimate", "SimOptions", "Simulator"]
 
 
 @dataclass
@@ -286,6 +287,8 @@ class Simulator:
         return self._estimate(lay, self.derive(lay), timeline=True)
 
     def _estimate(self, lay: Layout, d: Derived, timeline: bool) -> Estimate:
+        """The whole step for one layout. Kept as one function (about 60 lines) so the order of the
+        cost assembly (pipeline, DP communication, optimizer, memory, breakdown) reads top to bottom."""
         p, v, m = lay.pp, lay.vpp, d.micro_batches
         pipe = self.pipe(lay, d)
         grp = pipe.group
@@ -343,7 +346,7 @@ class Simulator:
                        model_flops_per_token=flops_tok, timeline=tl,
                        stage_memory=[mems[r][0] for r in sorted(mems)] if tl is not None else [])
         if timeline:
-            est.breakdown = self._breakdown(chunks, lay, m, crit, finish[crit], dps[crit], step)
+            est.breakdown = step_breakdown(chunks, lay.pp, lay.vpp, m, crit, finish[crit], dps[crit], step)
             est.ops = self._op_breakdown(lay, d, crit, m)
         return est
 
@@ -367,26 +370,6 @@ class Simulator:
         if key not in self._cache:
             self._cache[key] = acc.model_flops_per_token(self.model, seq_len, self.opt.include_mtp_flops)
         return self._cache[key]
-
-    def _breakdown(self, chunks: list[PartCost], lay: Layout, m: int, r: int, finish: float, dp: tuple,
-                   step: float) -> dict:
-        """Attribute the critical rank's step time: busy time by kind; the rest of the pipeline phase
-        is bubble (fill/drain, stalls between unequal stages, hand-offs). Under fb overlap, EP exposure
-        is apportioned by the micro-batches in the steady and warm-up/cool-down phases."""
-        p, v = lay.pp, lay.vpp
-        own = [chunks[c * p + r] for c in range(v)]
-        compute = m * sum(c.f + c.b - c.rc for c in own)
-        recompute = m * sum(c.rc for c in own)
-        tp = m * sum(2 * c.tp for c in own)
-        cp = m * sum(3 * c.cp for c in own)
-        swap = m * sum(2 * c.swap for c in own)
-        steady = max(0.0, m - num_warmup(p, v, m, r) / v)
-        ep = sum(steady * (c.ep_f_st + c.ep_b_st) + (m - steady) * (c.ep_f + c.ep_b) for c in own)
-        busy = compute + recompute + tp + cp + swap + ep
-        grad, gather, opt = dp
-        return {"compute": compute, "recompute": recompute, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp,
-                "swap": swap, "bubble": max(0.0, finish - busy), "dp_comm": grad + gather,
-                "optimizer": opt, "total": step}
 
     def _op_breakdown(self, lay: Layout, d: Derived, r: int, m: int) -> dict:
         """Per-step seconds (forward + backward) of each operator on pipeline rank r."""
@@ -422,20 +405,3 @@ class _Pipe:
     w_w_max: float  # largest warm-up-phase work per micro-batch
     w_w_total: float  # warm-up-phase work summed over all ranks
     extras: dict = field(default_factory=dict)  # _group_extras cache
-
-
-def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:
-    """No-op layers per virtual stage. They go where the extra work is: first the chunks of the last
-    pipeline rank (output head, MTP), latest chunk first, then those of the first rank (embedding),
-    then the remaining stages from the end. Real layers fill the other slots in order."""
-    n = pp * vpp
-    order = [c * pp + pp - 1 for c in reversed(range(vpp))]
-    order += [c * pp for c in reversed(range(vpp)) if c * pp not in order]
-    order += [s for s in reversed(range(n)) if s not in order]
-    out = [0] * n
-    for s in order:
-        take = min(per_chunk, noop)
-        out[s], noop = take, noop - take
-        if not noop:
-            break
-    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from config import ConfigError, from_dict, load_yaml, resolve_file
+from parallel.peaks import QUOTED_PEAKS_TFLOPS
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 
@@ -77,13 +78,16 @@ class Link:
 class HardwareProfile:
     name: str
     device: str  # npu | cuda | cpu
-    peak_tflops: dict[str, float]  # dtype -> dense TFLOP/s of one device
     memory_gb: float  # device memory capacity
     memory_bandwidth_gbps: float  # achievable device-memory bandwidth, GB/s
     devices_per_node: int  # size of the fast-link domain (a super-node's UB domain on A3)
     intra_node: Link
     inter_node: Link
     host_link: Link  # device <-> host (PCIe): activation swap, optimizer offload
+    # dtype -> dense TFLOP/s of one device: measured (CPU profiles), or from the one table of quoted
+    # peaks (`parallel/peaks.py`) by naming the device there with `quoted_peak` (`load_hardware`)
+    peak_tflops: dict[str, float] = field(default_factory=dict)
+    quoted_peak: str = ""  # the table's key the peaks came from; "" when measured or given
     matmul: MatmulEfficiency = field(default_factory=MatmulEfficiency)
     host_memory_bandwidth_gbps: float = 100.0  # host-side optimizer step runs at this rate
     op_overhead_us: float = 10.0  # fixed cost per launched operator (dispatch/launch latency)
@@ -218,4 +222,19 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
         raise ConfigError(f"hardware.step_correction: {p} was calibrated by an older version (one factor "
                           f"for the whole step); re-run `python -m simulator calibrate` to write "
                           f"work_correction and overhead_correction")
-    return from_dict(HardwareProfile, data, "hardware")
+    return from_dict(HardwareProfile, with_quoted_peak(data), "hardware")
+
+
+def with_quoted_peak(data: dict) -> dict:
+    """A profile mapping whose `quoted_peak` names a device of the quoted-peak table gets that
+    device's peaks as its `peak_tflops`."""
+    key = data.get("quoted_peak")
+    if not key:
+        return data
+    if data.get("peak_tflops"):
+        raise ConfigError("hardware.quoted_peak: give either quoted_peak (a device of parallel/peaks.py) or "
+                          "peak_tflops, not both")
+    if key not in QUOTED_PEAKS_TFLOPS:
+        raise ConfigError(f"hardware.quoted_peak: unknown device {key!r}; known: {', '.join(QUOTED_PEAKS_TFLOPS)} "
+                          f"(parallel/peaks.py), or give peak_tflops")
+    return {**data, "peak_tflops": dict(QUOTED_PEAKS_TFLOPS[key])}

@@ -6,7 +6,7 @@ with its overlap rules:
 - EP token exchange (dispatch + combine forward, their adjoints backward, again under full
   recompute), message by message as the runtime issues them (`comm.ep_dispatch`, `ep_combine`):
   the dispatch overlaps the shared expert's forward and the combine's gradient its backward
-  (`overlap_shared_expert`); with `fb_overlap` (forward/backward overlap across micro-batches) the
+  (the layout's `overlap`, as in the runtime); with `fb_overlap` (forward/backward overlap across micro-batches) the
   steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
   and cool-down. The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
 - CP (ring exchange of K and V) hides behind core attention.
@@ -32,7 +32,6 @@ class SimOptions:
 
     dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
     expert_imbalance: float = 1.0  # max / mean tokens of an expert-parallel rank
-    overlap_shared_expert: bool = True
     fb_overlap: bool = False  # forward/backward overlap across micro-batches (steady 1F1B)
     tp_comm_overlap: float = 0.0  # fraction of TP collectives hidden behind GEMMs
     overlap_grad_reduce: bool = True
@@ -118,13 +117,15 @@ class LayerCosts:
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
         key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-               lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
+               lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)
         return hit
 
     def _layer_cost(self, kind: str, lay: Layout, d: Derived) -> PartCost:
+        """One part's compute, communication and memory. One function (about 60 lines): the parts share
+        the token counts and overlap rules set up at its top."""
         cfg, cm, hw, o = self.model, self.cm, self.hw, self.opt
         tp, cp, dpn = lay.tp, lay.cp, d.devices_per_node
         T = lay.micro_batch_size * lay.seq_len / cp
@@ -203,7 +204,7 @@ class LayerCosts:
         # Backward runs the adjoints in reverse order: the combine's (same volume as the dispatch's
         # hidden vectors) first, overlapping the shared expert's backward, then the dispatch's.
         # Each adjoint is costed as the forward exchange it mirrors.
-        if o.overlap_shared_expert:
+        if lay.overlap:
             exp_f = max(0.0, t_d - shared_f) + t_c
             exp_b = max(0.0, t_c - shared_b) + t_d
         else:

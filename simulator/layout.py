@@ -1,68 +1,55 @@
 """The parallel layout the simulator evaluates, its divisibility rules, and the quantities they imply.
 
-`Layout` uses the runtime's field names (`parallel.config.ParallelConfig`: tp, pp, ep, cp,
-tp_extend_ep, dispatcher, devices_per_node, zero1) plus what only the simulator varies today
-(virtual pipeline stages, micro-batching, recomputation, swapping, optimizer offload), so a
-simulated layout maps onto a runtime recipe field by field. The data-parallel size is not a field: it
-follows from the cluster size, dp = num_devices / (tp * cp * pp).
+`Layout` is the runtime's `parallel.config.ParallelConfig` (the same fields, the same rules through
+`ParallelConfig.check_world`) plus what only the simulator varies today: virtual pipeline stages,
+micro-batching, recomputation, swapping and optimizer offload. Its defaults describe a large
+cluster run (ZeRO-1 and sequence parallelism on, devices per node from the hardware profile). So a
+simulated layout maps onto a runtime recipe's `parallel:` section field by field
+(`Layout.parallel()`), and a layout the trainer rejects is rejected here with the same message. The
+data-parallel size is not a field: it follows from the cluster size, dp = num_devices / (tp*cp*pp).
 
 Rank order (innermost first), as in Megatron: attention side tp, cp, dp, pp; MoE side etp, ep, edp,
 pp over the same ranks. So a TP group is contiguous, and an EP group of size ep has stride etp.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 from config import ConfigError
 from moe.config import ModelConfig
+from parallel.config import ParallelConfig
 
 
 @dataclass
-class Layout:
-    tp: int = 1
-    pp: int = 1
+class Layout(ParallelConfig):
+    sequence_parallel: bool = True
+    zero1: bool = True
+    devices_per_node: Optional[int] = None  # None = the hardware profile's value
+    # simulator-only: they move into ParallelConfig as the runtime gains each feature
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B when > 1)
-    ep: int = 1
-    etp: Optional[int] = None  # expert tensor parallelism; None = same as tp
-    tp_extend_ep: bool = False  # MoE layers: the TP ranks split experts instead of expert weights
-    sequence_parallel: bool = True  # with TP: split the tokens outside TP regions over the TP ranks
-    cp: int = 1
-    zero1: bool = True  # shard optimizer states (and master weights) over data-parallel ranks
     micro_batch_size: int = 1  # sequences per micro-batch
     global_batch_size: int = 1  # sequences per optimizer step, over all data-parallel ranks
     seq_len: int = 4096
     recompute: Literal["none", "selective", "full"] = "none"
     swap: bool = False  # swap selected activations to host memory, prefetch for backward
     optimizer_offload: bool = False  # optimizer states and step on the host
-    dispatcher: Literal["local", "allgather", "alltoall", "hierarchical"] = "alltoall"
-    devices_per_node: Optional[int] = None  # None = the hardware profile's value
 
     def validate(self, path: str = "") -> None:
+        super().validate(path)
         p = f"{path}." if path else ""
-        for name in ("tp", "pp", "vpp", "ep", "cp", "micro_batch_size", "global_batch_size", "seq_len"):
+        for name in ("vpp", "micro_batch_size", "global_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
-        if self.etp is not None and self.etp < 1:
-            raise ConfigError(f"{p}etp: must be >= 1 (or null for etp = tp), got {self.etp}")
-        if self.devices_per_node is not None and self.devices_per_node < 1:
-            raise ConfigError(f"{p}devices_per_node: must be >= 1, got {self.devices_per_node}")
-        if self.tp_extend_ep and self.etp not in (None, 1):
-            raise ConfigError(f"{p}etp: tp_extend_ep splits experts over the TP ranks, so expert weights "
-                              f"are not split; set etp to 1 or null, got {self.etp}")
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"{p}vpp: interleaved stages need pp > 1; set vpp: 1 or raise pp")
 
-    @property
-    def expert_parallel(self) -> int:
-        """Ranks the experts of one MoE layer are split over."""
-        return self.ep * self.tp if self.tp_extend_ep else self.ep
-
-    @property
-    def expert_tp(self) -> int:
-        if self.tp_extend_ep:
-            return 1
-        return self.tp if self.etp is None else self.etp
+    def parallel(self, devices_per_node: int) -> ParallelConfig:
+        """The runtime's `parallel:` section for this layout (`devices_per_node` fills an unset one)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ParallelConfig)}
+        if shared["devices_per_node"] is None:
+            shared["devices_per_node"] = devices_per_node
+        return ParallelConfig(**shared)
 
     def short(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
@@ -108,29 +95,10 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
     if num_devices < 1:
         raise ConfigError(f"num_devices: must be >= 1, got {num_devices}")
     dpn = lay.devices_per_node or devices_per_node
-    model_par = lay.tp * lay.cp * lay.pp
-    if num_devices % model_par:
-        raise ConfigError(f"num_devices: {num_devices} is not divisible by tp*cp*pp={model_par} "
-                          f"(tp={lay.tp}, cp={lay.cp}, pp={lay.pp}); change the layout or the cluster size")
-    dp = num_devices // model_par
-    if model.num_heads % lay.tp:
-        raise ConfigError(f"layout.tp: num_heads={model.num_heads} is not divisible by tp={lay.tp}")
-    if model.attention == "gqa" and model.num_kv_heads % lay.tp and lay.tp % model.num_kv_heads:
-        raise ConfigError(f"layout.tp: num_kv_heads={model.num_kv_heads} and tp={lay.tp} must divide one another")
+    lay.check_world(num_devices, model, "layout", devices_per_node=dpn)
+    dp = lay.data_parallel(num_devices)
     ep, etp = lay.expert_parallel, lay.expert_tp
-    if model.num_experts % ep:
-        raise ConfigError(f"layout.ep: num_experts={model.num_experts} is not divisible by the expert-parallel "
-                          f"size {ep}" + (" (ep * tp under tp_extend_ep)" if lay.tp_extend_ep else ""))
-    if model.expert_ffn_size % etp:
-        raise ConfigError(f"layout.etp: expert_ffn_size={model.expert_ffn_size} is not divisible by expert "
-                          f"tensor parallelism {etp}")
     side = lay.tp * lay.cp * dp  # ranks per pipeline stage
-    if side % (ep * etp):
-        raise ConfigError(f"layout.ep: ep*etp={ep * etp} must divide tp*cp*dp={side} (the ranks of one "
-                          f"pipeline stage); lower ep or raise dp")
-    if lay.dispatcher == "local" and ep > 1:
-        raise ConfigError(f"layout.dispatcher: 'local' needs ep == 1, got expert-parallel size {ep}; "
-                          f"use alltoall, hierarchical or allgather")
     shard = (lay.tp if lay.sequence_parallel or lay.tp_extend_ep else 1) * lay.cp
     if lay.seq_len % shard:
         raise ConfigError(f"layout.seq_len: {lay.seq_len} is not divisible by {shard} (tp*cp: sequence "

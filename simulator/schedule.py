@@ -108,7 +108,8 @@ class Timeline:
 
 
 def simulate(p: int, v: int, m: int, fwd, bwd, p2p: float = 0.0, act=None, comm=None) -> Timeline:
-    """Event-level timeline of the schedule.
+    """Event-level timeline of the schedule (one loop over ranks and ops, about 60 lines: the
+    dependency rules read together).
 
     fwd(rank, chunk, phase) and bwd(rank, chunk, phase) give op durations (phase lets forward/backward
     overlap hide communication only in the steady phase); act(rank, chunk) the activation weight a
@@ -171,3 +172,24 @@ def simulate(p: int, v: int, m: int, fwd, bwd, p2p: float = 0.0, act=None, comm=
         if not progressed:
             raise RuntimeError("pipeline schedule deadlocked; this is a bug in the schedule order")
     return Timeline(events, max(free), list(free), peak)
+
+
+def step_breakdown(chunks: list, pp: int, vpp: int, m: int, r: int, finish: float, dp: tuple,
+                   step: float) -> dict:
+    """Attribute the critical rank's step time: busy time by kind; the rest of the pipeline phase
+    is bubble (fill/drain, stalls between unequal stages, hand-offs). Under fb overlap, EP exposure
+    is apportioned by the micro-batches in the steady and warm-up/cool-down phases."""
+    p, v = pp, vpp
+    own = [chunks[c * p + r] for c in range(v)]
+    compute = m * sum(c.f + c.b - c.rc for c in own)
+    recompute = m * sum(c.rc for c in own)
+    tp = m * sum(2 * c.tp for c in own)
+    cp = m * sum(3 * c.cp for c in own)
+    swap = m * sum(2 * c.swap for c in own)
+    steady = max(0.0, m - num_warmup(p, v, m, r) / v)
+    ep = sum(steady * (c.ep_f_st + c.ep_b_st) + (m - steady) * (c.ep_f + c.ep_b) for c in own)
+    busy = compute + recompute + tp + cp + swap + ep
+    grad, gather, opt = dp
+    return {"compute": compute, "recompute": recompute, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp,
+            "swap": swap, "bubble": max(0.0, finish - busy), "dp_comm": grad + gather,
+            "optimizer": opt, "total": step}

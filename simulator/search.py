@@ -23,6 +23,7 @@ from config import ConfigError
 from moe.config import ModelConfig
 from simulator.cost import Estimate, SimOptions, Simulator
 from simulator.hardware import HardwareProfile
+from parallel.config import DISPATCHERS
 from simulator.layout import Layout, derive
 
 GB = 2**30
@@ -35,6 +36,7 @@ class LayoutSpace:
     vpp: list[int] = field(default_factory=lambda: [1, 2, 4])
     ep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     tp_extend_ep: list[bool] = field(default_factory=lambda: [False, True])
+    sequence_parallel: list[bool] = field(default_factory=lambda: [True])  # [False]: as the runtime runs TP
     cp: list[int] = field(default_factory=lambda: [1, 2])
     zero1: list[bool] = field(default_factory=lambda: [True, False])
     micro_batch_size: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -52,14 +54,14 @@ class LayoutSpace:
             if not vals or any(v < 1 for v in vals):
                 raise ConfigError(f"{p}{name}: give a non-empty list of sizes >= 1, got {vals}")
         for name, allowed in (("recompute", ("none", "selective", "full")),
-                              ("dispatcher", ("alltoall", "hierarchical", "allgather", "local"))):
+                              ("dispatcher", DISPATCHERS)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad or not getattr(self, name):
                 raise ConfigError(f"{p}{name}: values must be among {', '.join(allowed)}, got {getattr(self, name)}")
 
     def size(self) -> int:
         n = 1
-        for name in ("tp", "pp", "vpp", "ep", "tp_extend_ep", "cp", "zero1", "micro_batch_size", "recompute",
+        for name in ("tp", "pp", "vpp", "ep", "tp_extend_ep", "sequence_parallel", "cp", "zero1", "micro_batch_size", "recompute",
                      "swap", "optimizer_offload", "dispatcher"):
             n *= len(getattr(self, name))
         return n
@@ -82,7 +84,7 @@ class SearchResult:
 def _row(e: Estimate) -> dict:
     lay = e.layout
     return {"layout": lay.short(), "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep,
-            "tp_extend_ep": lay.tp_extend_ep, "cp": lay.cp, "dp": e.derived.dp, "zero1": lay.zero1,
+            "tp_extend_ep": lay.tp_extend_ep, "sequence_parallel": lay.sequence_parallel, "cp": lay.cp, "dp": e.derived.dp, "zero1": lay.zero1,
             "micro_batch_size": lay.micro_batch_size, "recompute": lay.recompute, "swap": lay.swap,
             "optimizer_offload": lay.optimizer_offload, "dispatcher": lay.dispatcher,
             "step_time_s": e.step_time, "tokens_per_s": e.tokens_per_s, "mfu": e.mfu,
@@ -99,17 +101,18 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
     enumerated = evaluated = feasible = 0
     inner = (len(space.zero1) * len(space.optimizer_offload) * len(space.micro_batch_size) * len(space.recompute)
              * len(space.swap) * len(space.dispatcher))
-    outer = list(itertools.product(space.tp, space.cp, space.pp, space.vpp, space.ep, space.tp_extend_ep))
+    outer = list(itertools.product(space.tp, space.cp, space.pp, space.vpp, space.ep, space.tp_extend_ep,
+                                   space.sequence_parallel))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(outer), desc="search", unit="group", dynamic_ncols=True)
-    for tp, cp, pp, vpp, ep, tpx in outer:
+    for tp, cp, pp, vpp, ep, tpx, sp in outer:
         if bar is not None:
             bar.update(1)
         enumerated += inner
         if (cfg.num_heads % tp or n_dev % (tp * cp * pp) or (vpp > 1 and pp == 1)
-                or (tpx and tp == 1) or space.seq_len % (tp * cp)):
+                or (tpx and tp == 1) or (tp == 1 and sp != space.sequence_parallel[0])):
             continue
         eff_ep = ep * tp if tpx else ep
         if cfg.num_experts % eff_ep:
@@ -117,8 +120,9 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
         # without expert parallelism every dispatcher is the local one: cost it once
         dispatchers = ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
         for zero1, offload in itertools.product(space.zero1, space.optimizer_offload):
-            lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, cp=cp, seq_len=space.seq_len,
-                          global_batch_size=space.global_batch_size, zero1=zero1, optimizer_offload=offload)
+            lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, sequence_parallel=sp, cp=cp,
+                          seq_len=space.seq_len, global_batch_size=space.global_batch_size, zero1=zero1,
+                          optimizer_offload=offload)
             try:
                 d0 = derive(cfg, replace(lay0, micro_batch_size=1, global_batch_size=n_dev), n_dev,
                             sim.hw.devices_per_node, sim.opt.pad_layers)
@@ -128,8 +132,7 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
                 continue
             for mbs, rc, swap, disp in itertools.product(space.micro_batch_size, space.recompute, space.swap,
                                                          dispatchers):
-                lay = Layout(tp, pp, vpp, ep, None, tpx, True, cp, zero1, mbs, space.global_batch_size,
-                             space.seq_len, rc, swap, offload, disp)
+                lay = replace(lay0, micro_batch_size=mbs, recompute=rc, swap=swap, dispatcher=disp)
                 try:
                     d = sim.derive(lay)
                 except ConfigError:

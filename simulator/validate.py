@@ -2,7 +2,7 @@
 step time and activation memory with the simulator's predictions from a calibrated CPU profile.
 
 Each case becomes a training recipe, run in fresh processes with the profile's torch thread count
-by `validate_worker.py`, which sets up the model, optimizer, data and (under torchrun) the parallel
+by the trainer's `launch/validate_worker.py`, which sets up the model, optimizer, data and (under torchrun) the parallel
 runtime exactly as `launch.train.run` does and calls its `train_step`. Other jobs' time slices
 are not the trainer's cost: a step's *busy time* is its wall time less the time its ranks sat on a
 run queue while other processes held the cores (see `dedicated_step_time`). The measured step
@@ -25,9 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -35,25 +35,33 @@ from config import ConfigError, from_dict, load_yaml
 from moe.config import ModelConfig
 from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, load_hardware
+from parallel.config import ParallelConfig
 from simulator.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "simulator" / "validate_cpu.yaml"
+# The trainer's timed-steps entry point, run in fresh processes: the simulator never imports the trainer.
+WORKER = "launch.validate_worker"
 
 
 @dataclass
 class Case:
+    """One validation run: a world size, the batch shape, and the runtime's own `parallel:` section."""
+
     name: str
+    world: int = 1
     micro_batch_size: int = 4
     seq_len: int = 128
     grad_accum: int = 1
-    world: int = 1
-    tp: int = 1
-    tp_extend_ep: bool = False
-    ep: int = 1
-    dispatcher: Literal["local", "allgather", "alltoall", "hierarchical"] = "local"
-    devices_per_node: int = 8
-    zero1: bool = False
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dispatcher="local"))
+
+    def validate(self, path: str = "") -> None:
+        if self.world < 1:
+            raise ConfigError(f"{path}.world: must be >= 1, got {self.world}")
+
+    def parallel_section(self) -> ParallelConfig:
+        """The case's layout as the trainer runs it: nodes no larger than the world."""
+        return replace(self.parallel, devices_per_node=min(self.parallel.devices_per_node, self.world))
 
 
 @dataclass
@@ -75,14 +83,11 @@ def load_validate_config(path: str | Path = DEFAULT_CONFIG) -> ValidateConfig:
 
 
 def case_layout(c: Case) -> Layout:
-    """The case as a simulator layout. The runtime's tensor parallelism has no sequence parallelism
-    (every TP rank holds all tokens outside the TP regions), so neither has the layout."""
-    dp = c.world // c.tp  # EP splits the experts among data-parallel (and, extended, TP) ranks
-    ep_size = c.ep * c.tp if c.tp_extend_ep else c.ep
-    return Layout(tp=c.tp, pp=1, ep=c.ep, tp_extend_ep=c.tp_extend_ep, sequence_parallel=False,
-                  micro_batch_size=c.micro_batch_size, global_batch_size=c.micro_batch_size * c.grad_accum * dp,
-                  seq_len=c.seq_len, recompute="none", dispatcher=c.dispatcher if ep_size > 1 else "local",
-                  zero1=c.zero1, devices_per_node=min(c.devices_per_node, c.world) if c.world > 1 else None)
+    """The case as a simulator layout: its `parallel:` section plus the batch it trains."""
+    par = c.parallel_section()
+    dp = par.data_parallel(c.world)
+    return Layout(**asdict(par), micro_batch_size=c.micro_batch_size, seq_len=c.seq_len, recompute="none",
+                  global_batch_size=c.micro_batch_size * c.grad_accum * dp)
 
 
 def scaled_profile(hw: HardwareProfile, slowdown: float) -> HardwareProfile:
@@ -131,16 +136,13 @@ def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float =
 
 
 def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
-    from dataclasses import asdict
     return {
         "model": asdict(model),
         "train": {"steps": steps, "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum,
                   "seq_len": c.seq_len, "dtype": "fp32", "device": "cpu", "warmup_steps": 1, "log_interval": 1,
                   "eval_batches": 1, "out_dir": str(out_dir), "tensorboard": False, "progress": False},
         "data": {"path": "embedded", "tokenizer": "byte", "cache_dir": str(ROOT / "data")},
-        "parallel": {"tp": c.tp, "tp_extend_ep": c.tp_extend_ep, "ep": c.ep,
-                     "dispatcher": c.dispatcher if (c.ep * c.tp if c.tp_extend_ep else c.ep) > 1 else "local",
-                     "devices_per_node": min(c.devices_per_node, c.world), "zero1": c.zero1},
+        "parallel": asdict(c.parallel_section()),
     }
 
 
@@ -156,7 +158,7 @@ def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, 
     recipe_path.write_text(yaml.safe_dump(_recipe(model, c, steps, out_dir), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     prefix = out_dir / "steps"
-    worker = ["-m", "simulator.validate_worker", str(recipe_path), str(steps), str(prefix)]
+    worker = ["-m", WORKER, str(recipe_path), str(steps), str(prefix)]
     if c.world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={c.world}", *worker]
     else:
@@ -243,8 +245,8 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
         # use the one the run produced (1.0 without expert parallelism).
         imb = meas.get("ep_imbalance", 1.0)
         raw = predict(cfg.model, hw, c, imbalance=imb)
-        row = {"case": c.name, "world": c.world, "tp": c.tp, "ep": c.ep * c.tp if c.tp_extend_ep else c.ep,
-               "dispatcher": c.dispatcher,
+        row = {"case": c.name, "world": c.world, "tp": c.parallel.tp, "ep": c.parallel.expert_parallel,
+               "dispatcher": c.parallel.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
                "ep_imbalance": imb}
         if "error" in meas:

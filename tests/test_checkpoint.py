@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoint_files as cf
-from launch.checkpoint import MANIFEST, CheckpointError, Checkpointer, read_manifest
-from launch.recipe import CheckpointConfig, DataConfig, Recipe, TrainConfig
-from launch.train import build_optimizer, run
+from launch.checkpoint import files as cf
+from launch.checkpoint.checkpointer import MANIFEST, CheckpointError, Checkpointer, read_manifest
+from launch.trainer.recipe import CheckpointConfig, DataConfig, Recipe, TrainConfig
+from launch.trainer.loop import run
+from launch.trainer.setup import build_optimizer
 from moe.config import ModelConfig
 from moe.model import MoETransformer
 
@@ -288,7 +289,7 @@ def test_resume_choices(tmp_path):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 def test_ensure_state_creates_only_missing_state_and_changes_nothing(fused):
-    from launch.checkpoint_state import ensure_state
+    from launch.checkpoint.state import ensure_state
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
     opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.1, fused=fused)
     a.grad = torch.randn(3)
@@ -310,7 +311,7 @@ def test_ensure_state_creates_only_missing_state_and_changes_nothing(fused):
 
 
 def test_flat_ranges_become_contiguous_rectangles():
-    from launch.checkpoint_state import flat_range_blocks
+    from launch.checkpoint.state import flat_range_blocks
     for shape in [(7,), (3, 5), (2, 3, 4)]:
         n = math.prod(shape)
         full = torch.arange(n).view(shape)

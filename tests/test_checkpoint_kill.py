@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.checkpoint import Checkpointer
-from launch.recipe import CheckpointConfig
-from launch.train import run
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.trainer.recipe import CheckpointConfig
+from launch.trainer.loop import run
 from config import to_dict
 from test_checkpoint import KEYS, data_dir, recipe  # noqa: F401 (data_dir: shared fixture)
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import sys, time
 from pathlib import Path
-import launch.checkpoint_files as cf
+import launch.checkpoint.files as cf
 recipe, marker = sys.argv[1], Path(sys.argv[2])
 original, calls = cf.RecordingWriter.write_data, []
 def write_data(self, plan, planner):

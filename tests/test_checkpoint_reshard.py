@@ -23,8 +23,8 @@ import torch
 
 from dist_utils import run_distributed
 from kernels import get_kernels
-from launch.checkpoint import Checkpointer
-from launch.recipe import CheckpointConfig
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.trainer.recipe import CheckpointConfig
 from moe.config import ModelConfig
 from moe.model import MoETransformer
 

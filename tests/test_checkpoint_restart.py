@@ -6,7 +6,7 @@ A checkpoint every 2 steps; every worker kills itself after step 3 in the first 
 restarted attempt's losses equal the uninterrupted run's bit for bit; with two (ep=2, ZeRO-1) they
 agree within 1e-5 relative, as every N-process layout does. The metrics log keeps steps 1-2 of the
 first attempt and continues from 3. Two ranks also exercise the per-attempt store prefix in
-launch/distributed.py: without it a restarted rank could read the dead attempt's gloo addresses
+launch/trainer/distributed.py: without it a restarted rank could read the dead attempt's gloo addresses
 from torchrun's agent store, which outlives the workers.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 import yaml
 from dataclasses import replace
 
-from launch.checkpoint import Checkpointer
-from launch.recipe import CheckpointConfig
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.trainer.recipe import CheckpointConfig
 from config import to_dict
 from parallel.config import ParallelConfig
 from test_checkpoint import data_dir, recipe, uninterrupted  # noqa: F401 (shared fixtures)
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRASH_ONCE = r"""
 import os, signal, sys
 if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-    import launch.resilience as res
+    import launch.trainer.resilience as res
     original = res.Recovery.end_of_step
     def end_of_step(self, done, tokens):
         stop = original(self, done, tokens)

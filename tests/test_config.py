@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.recipe import load_recipe
+from launch.trainer.recipe import load_recipe
 from config import ConfigError, from_dict
 from moe.config import ModelConfig, load_model_config
 

@@ -16,15 +16,16 @@ import pytest
 import torch
 
 from launch import prepare_data
-from launch.corpus import build_embedded_corpus, write_embedded_jsonl
-from launch.data import BatchIterator, build_datasets, ensure_embedded_dataset
-from launch.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
+from launch.data.prepare import import_megatron_indexed_dataset
+from launch.data.corpus import build_embedded_corpus, write_embedded_jsonl
+from launch.data.datasets import BatchIterator, build_datasets, ensure_embedded_dataset
+from launch.data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_indexed(prefix):
-    indexed_dataset = prepare_data.import_megatron_indexed_dataset()
+    indexed_dataset = import_megatron_indexed_dataset()
     ds = indexed_dataset.IndexedDataset(prefix)
     return ds, [np.asarray(ds[i]).tolist() for i in range(len(ds))]
 

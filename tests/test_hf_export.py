@@ -14,12 +14,15 @@ import pytest
 import torch
 import yaml
 
-from launch.checkpoint import Checkpointer, load_model_weights
+from launch.checkpoint.checkpointer import Checkpointer, load_model_weights
 from launch.cli import main as cli
-from launch.hf_export import HFError, _rope_rows, hf_config, read_hf, save_hf, to_hf
-from launch.recipe import CheckpointConfig, TrainConfig
-from launch.train import build_optimizer
+from launch.hf.config import HFError, hf_config
+from launch.hf.export import save_hf, to_hf
+from launch.hf.import_ import read_hf
+from launch.trainer.recipe import CheckpointConfig, TrainConfig
+from launch.trainer.setup import build_optimizer
 from moe.config import ModelConfig
+from moe.hf_names import rope_rows
 from moe.model import MoETransformer
 
 BASE = dict(vocab_size=64, hidden_size=32, num_layers=3, max_seq_len=32, num_heads=2, q_lora_rank=16,
@@ -127,12 +130,12 @@ def test_rope_reordering_preserves_attention_scores():
     x, pos = torch.randn(7, 5), torch.arange(7.0)
     q_ours = (x @ wq.t()).view(7, 2, nope + rope)[..., nope:]
     k_ours = (x @ wk.t())[:, lat:]
-    q_hf = (x @ _rope_rows(wq, nope + rope, rope, True).t()).view(7, 2, nope + rope)[..., nope:]
-    k_hf = (x @ _rope_rows(wk, lat + rope, rope, True).t())[:, lat:]
+    q_hf = (x @ rope_rows(wq, nope + rope, rope, True).t()).view(7, 2, nope + rope)[..., nope:]
+    k_hf = (x @ rope_rows(wk, lat + rope, rope, True).t())[:, lat:]
     ours = torch.einsum("hsd,td->hst", _rope_half(q_ours.transpose(0, 1), pos), _rope_half(k_ours, pos))
     theirs = torch.einsum("hsd,td->hst", _rope_interleaved(q_hf.transpose(0, 1), pos), _rope_interleaved(k_hf, pos))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert torch.equal(_rope_rows(_rope_rows(wq, nope + rope, rope, True), nope + rope, rope, False), wq)
+    assert torch.equal(rope_rows(rope_rows(wq, nope + rope, rope, True), nope + rope, rope, False), wq)
 
 
 def test_cli_export_from_checkpoint_and_import_back(tmp_path, capsys):

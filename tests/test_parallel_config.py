@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from launch.recipe import Recipe
+from launch.trainer.recipe import Recipe
 from config import ConfigError, from_dict
 from moe.config import ModelConfig
 from parallel.config import ParallelConfig
@@ -66,7 +66,7 @@ def test_unknown_dispatcher_in_yaml():
 
 
 def test_bad_layout_fails_before_any_process_group(monkeypatch):
-    from launch import distributed
+    from launch.trainer import distributed
 
     def forbidden(*args, **kwargs):
         raise AssertionError("init_process_group must not be reached with a bad layout")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.recipe import load_recipe
-from launch.train import run
+from launch.trainer.recipe import load_recipe
+from launch.trainer.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, MBS, SEQ = 3, 2, 32

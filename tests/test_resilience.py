@@ -16,9 +16,12 @@ import pytest
 import torch
 import yaml
 
-from launch.recipe import ResilienceConfig, TrainConfig
-from launch.resilience import GracefulStop, StepGuard, TrainingAborted
-from launch.train import build_optimizer, main, run, train_step
+from launch.trainer.recipe import ResilienceConfig, TrainConfig
+from launch.trainer.resilience import GracefulStop, StepGuard, TrainingAborted
+from launch.train import main
+from launch.trainer.loop import run
+from launch.trainer.setup import build_optimizer
+from launch.trainer.step import train_step
 from config import to_dict
 from moe.config import ModelConfig
 from moe.model import MoETransformer

@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError
+from parallel.config import ParallelConfig
 from simulator.calibrate import fit_link, fit_matmul, predict_linear
 from simulator.comm import all_gather, all_reduce, all_to_all
 from simulator.hardware import MatmulEfficiency, load_hardware
 from simulator.opbench import fit_line
 from simulator.validate import Case, aggregate_steps, case_layout, case_profile, dedicated_step_time, scaled_profile
-from simulator.validate_worker import ep_imbalance
+from launch.validate_worker import ep_imbalance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,11 @@ def test_ep_imbalance():
 
 
 def test_case_layout_and_profile():
-    lay = case_layout(Case(name="x", world=2, ep=2, micro_batch_size=4, grad_accum=3, dispatcher="alltoall"))
-    assert (lay.ep, lay.global_batch_size, lay.dispatcher) == (2, 24, "alltoall")
-    assert case_layout(Case(name="y", ep=1, dispatcher="alltoall")).dispatcher == "local"
+    case = Case(name="x", world=2, micro_batch_size=4, grad_accum=3, parallel=ParallelConfig(ep=2, dispatcher="alltoall"))
+    lay = case_layout(case)
+    assert (lay.ep, lay.global_batch_size, lay.dispatcher, lay.devices_per_node) == (2, 24, "alltoall", 2)
+    assert not lay.sequence_parallel and not lay.zero1  # the runtime's defaults, not the simulator's
+    assert lay.parallel(8) == case.parallel_section()  # the trainer's section, field for field
     with pytest.raises(ConfigError, match="concurrency_slowdown"):
         case_profile(load_hardware("ascend_910b_a2"), Case(name="z", world=2))
 
@@ -206,7 +209,8 @@ def test_validate_runs_the_trainer_and_probes_every_rank(tmp_path):
              "dense_ffn_size": 128, "first_k_dense": 1, "num_experts": 4, "top_k": 2, "expert_ffn_size": 64,
              "mtp_layers": 0}
     cases = [{"name": "one", "micro_batch_size": 2, "seq_len": 32},
-             {"name": "ep2", "world": 2, "ep": 2, "dispatcher": "alltoall", "micro_batch_size": 2, "seq_len": 32}]
+             {"name": "ep2", "world": 2, "parallel": {"ep": 2, "dispatcher": "alltoall"}, "micro_batch_size": 2,
+              "seq_len": 32}]
     cfg = tmp_path / "v.yaml"
     cfg.write_text(yaml.safe_dump({"model": model, "steps": 3, "warmup_steps": 1, "cases": cases}))
     rows = run_validation(ROOT / "configs/hardware/cpu_calibrated.yaml", cfg, workdir=tmp_path / "w", log=lambda s: None)

@@ -1,6 +1,7 @@
 """The simulator's cost-model parts on cases computed by hand: collective bytes, operator times,
 pipeline schedules and bubbles, activation and model-state memory, layout rules."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -10,7 +11,8 @@ from moe.config import ModelConfig
 from simulator import comm as C
 from simulator import memory as M
 from simulator.compute import ComputeModel
-from simulator.cost import SimOptions, Simulator, noop_placement
+from parallel.layout import noop_placement
+from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, Link, MatmulEfficiency
 from simulator.layout import Layout, derive
 from simulator.schedule import bubble_fraction, in_flight_per_chunk, pipeline_time, rank_ops, simulate
@@ -266,7 +268,7 @@ def test_noop_placement_balances_head_and_embedding():
 @pytest.mark.parametrize("changes,devices,field", [
     (dict(tp=3), 12, "layout.tp"),  # 2 heads
     (dict(ep=3), 12, "layout.ep"),  # 8 experts
-    (dict(tp=2, pp=4), 4, "num_devices"),
+    (dict(tp=2, pp=4), 4, "layout.tp"),  # the runtime's rule and message (check_world)
     (dict(global_batch_size=6, micro_batch_size=4), 4, "layout.global_batch_size"),
     (dict(pp=4, global_batch_size=2), 4, "layout.global_batch_size"),  # 2 micro-batches < pp
     (dict(pp=2, vpp=2, global_batch_size=6), 4, "layout.vpp"),  # 3 micro-batches, pp 2
@@ -304,7 +306,7 @@ def test_ep_exposure_adds_dispatch_and_combine_by_hand():
     # 16 tokens x top-2 x 8 bf16 values = 512 bytes of copies; over 2 ranks half of it moves
     # (256 B at 100 GB/s) with one 10 us step; the count exchange is one more step
     dispatch, combine = 10e-6 + (256 / 100e9 + 10e-6), 256 / 100e9 + 10e-6
-    plain = LayerCosts(cfg, profile(), SimOptions(overlap_shared_expert=False))("moe", lay, d)
+    plain = LayerCosts(cfg, profile(), SimOptions())("moe", replace(lay, overlap=False), d)
     assert plain.ep_f == pytest.approx(dispatch + combine) and plain.ep_b == pytest.approx(dispatch + combine)
     lc = LayerCosts(cfg, profile(), SimOptions())
     pc = lc("moe", lay, d)
@@ -313,3 +315,21 @@ def test_ep_exposure_adds_dispatch_and_combine_by_hand():
     # the dispatch hides behind the shared expert's forward, the combine's adjoint behind its backward
     assert pc.ep_f == pytest.approx(dispatch - shared_f + combine)
     assert pc.ep_b == pytest.approx(combine - shared_b + dispatch)
+
+
+def test_quoted_peaks_come_from_one_table(monkeypatch):
+    """The simulator's quoted profiles and the trainer's MFU denominator read parallel/peaks.py."""
+    import torch
+
+    from parallel.device import device_peak
+    from parallel.peaks import QUOTED_PEAKS_TFLOPS
+    from simulator.hardware import load_hardware, with_quoted_peak
+    for name, key in (("ascend_910b_a2", "Ascend910B"), ("nvidia_h800", "H800"), ("nvidia_h100", "H100")):
+        hw = load_hardware(name)
+        assert hw.quoted_peak == key and hw.peak_tflops == QUOTED_PEAKS_TFLOPS[key]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H800 PCIe")
+    assert device_peak("cuda", torch.float32).flops_per_s == load_hardware("nvidia_h800").peak_flops("bf16")
+    with pytest.raises(ConfigError, match="not both"):
+        with_quoted_peak({"quoted_peak": "H800", "peak_tflops": {"bf16": 1.0}})
+    with pytest.raises(ConfigError, match="unknown device 'TPU'"):
+        with_quoted_peak({"quoted_peak": "TPU"})

@@ -7,8 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from launch.recipe import DataConfig, Recipe, TrainConfig
-from launch.train import build_model, build_optimizer, lr_at, run, train_step
+from launch.trainer.recipe import DataConfig, Recipe, TrainConfig
+from launch.trainer.loop import run
+from launch.trainer.setup import build_model, build_optimizer
+from launch.trainer.step import lr_at, train_step
 from moe.config import ModelConfig
 
 

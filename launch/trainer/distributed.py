@@ -1,23 +1,21 @@
-"""Process-group start-up for `torchrun` launches, and the no-op path for a single process.
+"""Process-group start-up for `torchrun` launches, and the local runtime for a single process.
 
 `init_distributed(recipe)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), validates the parallel layout against the world size and the model *before* any
 process group exists (a bad layout is one ConfigError on every rank, not a hang), binds this
 process to its device (LOCAL_RANK on npu/cuda), initialises the backend for the device (hccl, nccl
 or gloo) and returns the `ParallelRuntime`. With WORLD_SIZE unset or 1 and a trivial layout it
-returns None and nothing distributed happens.
+returns a `LocalRuntime` (the same interface) and nothing distributed happens.
 """
 from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Optional
-
 import torch.distributed as dist
 
-from launch.recipe import Recipe
+from launch.trainer.recipe import Recipe
 from parallel.device import backend_for, resolve_device_type, set_local_device
-from parallel.runtime import ParallelRuntime, validate_layout
+from parallel.runtime import LocalRuntime, ParallelRuntime, Runtime, validate_layout
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -26,12 +24,12 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(recipe: Recipe, timeout_s: float = 600.0) -> Optional[ParallelRuntime]:
+def init_distributed(recipe: Recipe, timeout_s: float = 600.0) -> Runtime:
     rank, world, local_rank = world_from_env()
-    validate_layout(recipe.parallel, recipe.model, world)  # raises ConfigError; no group exists yet
-    if world == 1:
-        return None
+    layout = validate_layout(recipe.parallel, recipe.model, world)  # raises ConfigError; no group exists yet
     device = resolve_device_type(recipe.train.device)
+    if world == 1:
+        return LocalRuntime(layout, device)
     set_local_device(device, local_rank)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)

@@ -16,7 +16,7 @@
 Under data parallelism pass the loss averaged over the data-parallel ranks (and the global
 gradient norm, which the gradient reducer already returns): every rank then decides alike.
 
-* `Recovery` is what launch/train.py calls: it bundles the two with the `Checkpointer` (resume at
+* `Recovery` is what the training loop (loop.py) calls: it bundles the two with the `Checkpointer` (resume at
   start, the per-step check, periodic / final / on-signal saves).
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from launch.checkpoint import Checkpointer
 from config import to_dict
+from launch.checkpoint.checkpointer import Checkpointer
+from parallel.runtime import Runtime
 
 
 class TrainingAborted(RuntimeError):
@@ -157,7 +158,7 @@ class Recovery:
     each step before the optimizer runs, save every `checkpoint.interval` steps, at the end and on
     SIGTERM/SIGINT. A collective: build it, and call its methods, on every rank."""
 
-    def __init__(self, recipe, model, optimizer, train_it, runtime=None, device: str = "cpu",
+    def __init__(self, recipe, model, optimizer, train_it, runtime: Runtime, device: str = "cpu",
                  log: bool = True, stop_after: Optional[int] = None):
         self.recipe, self.model, self.optimizer, self.train_it = recipe, model, optimizer, train_it
         self.runtime, self.device, self.stop_after = runtime, device, stop_after
@@ -196,13 +197,11 @@ class Recovery:
 
     def _global_batch(self) -> int:
         t = self.recipe.train
-        dp = self.runtime.dp_size if self.runtime is not None else 1
-        return t.micro_batch_size * t.grad_accum * dp
+        return t.micro_batch_size * t.grad_accum * self.runtime.dp_size
 
     def check(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
         """Before the optimizer step: None to apply it, else why it is skipped (same on all ranks)."""
-        if self.runtime is not None:
-            loss = self.runtime.mean_over_dp({"loss": loss})["loss"]
+        loss = self.runtime.mean_over_dp({"loss": loss})["loss"]
         reason = self.guard.check(step, loss, grad_norm)
         if reason is not None:
             self._say(f"step {step}: skipped, {reason}; weights unchanged ({self.guard.counters()})")

@@ -1,6 +1,6 @@
 """Training checkpoints on disk: written atomically, verified on load, kept in rotation, resumable
-under any parallel layout. `launch/checkpoint_state.py` says what goes in, `launch/checkpoint_files.py` the on-disk format;
-this file drives saving and loading.
+under any parallel layout. `state.py` (beside this file) says what goes in, `files.py` the on-disk
+format; this file drives saving and loading.
 
 Directory layout (`checkpoint.dir`, default `<train.out_dir>/checkpoints`):
 
@@ -48,10 +48,12 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from launch import checkpoint_files as cf
-from launch import checkpoint_state as cs
-from launch.checkpoint_files import (FORMAT, LATEST, MANIFEST, META, RECIPE, STEP_DIR, CheckpointError, SafeReader,
+from launch.checkpoint import files as cf
+from launch.checkpoint import state as cs
+from launch.checkpoint.files import (FORMAT, LATEST, MANIFEST, META, RECIPE, STEP_DIR, CheckpointError, SafeReader,
                                      list_checkpoints, read_manifest, step_dir_name, tensor_sizes, verify_files)
+from parallel.runtime import LocalRuntime, Runtime
+from parallel.zero import ZeroOptimizer
 
 
 # --- collectives over the checkpoint's own group (no-ops in one process) --------------------------
@@ -88,10 +90,12 @@ class Checkpointer:
     """Save and load training checkpoints for one run. Construct it on every rank at the same point
     (it creates a process group); every method except `latest` is a collective."""
 
-    def __init__(self, cfg, root: str | Path, runtime=None, device: str = "cpu", log: bool = True):
+    def __init__(self, cfg, root: str | Path, runtime: Optional[Runtime] = None, device: str = "cpu",
+                 log: bool = True):
+        """`runtime`: where this rank's parameters sit (default: one process, the full model)."""
         self.cfg = cfg
         self.root = Path(root)
-        self.runtime = runtime
+        self.runtime = runtime if runtime is not None else LocalRuntime.setup(device=device)
         self.device = device
         self.group = _Group()
         self.log = log and self.group.rank == 0
@@ -111,7 +115,7 @@ class Checkpointer:
         """Checkpoint the current state as `step-<step>`. Returns its path once published, or None
         when it was handed to the background thread (`wait()` returns it later)."""
         self.wait()
-        place = cs.placements(model, self.runtime)
+        place = cs.placements(model, self.runtime.shards)
         cs.ensure_state(optimizer)
         entries = {**cs.model_entries(model, place), **cs.optimizer_entries(model, optimizer, place),
                    **cs.rng_entries(self.group.rank, self.device)}
@@ -131,7 +135,7 @@ class Checkpointer:
         """A weights-only checkpoint (e.g. imported from Hugging Face): loading it restores the model
         only, and training starts at step 0 with a fresh optimizer."""
         self.wait()
-        entries = cs.model_entries(model, cs.placements(model, self.runtime))
+        entries = cs.model_entries(model, cs.placements(model, self.runtime.shards))
         info = {"format": FORMAT, "kind": "weights", "step": step, "saved_at": time.time(),
                 "world_size": self.group.world, "torch": torch.__version__}
         return self._write(entries, step, info, recipe_yaml)
@@ -311,7 +315,7 @@ class Checkpointer:
         start = time.perf_counter()
         info = json.loads((path / META).read_text())
         sizes = tensor_sizes(path)
-        place = cs.placements(model, self.runtime)
+        place = cs.placements(model, self.runtime.shards)
         entries = cs.model_entries(model, place)
         full = info.get("kind", "full") == "full"
         if full and optimizer is not None:
@@ -344,11 +348,9 @@ def _to_host(v):
 
 
 def _layout(runtime, optimizer) -> dict:
-    if runtime is None:
-        return {"tp": 1, "ep": 1, "etp": 1, "dp": 1, "edp": 1, "zero1": False}
     lay = runtime.layout
     return {"tp": lay.tp, "ep": lay.ep, "etp": lay.etp, "dp": lay.dp, "edp": lay.edp,
-            "zero1": hasattr(optimizer, "buckets")}
+            "zero1": isinstance(optimizer, ZeroOptimizer)}
 
 
 def _describe(e: BaseException) -> str:

@@ -95,7 +95,7 @@ class CheckpointConfig:
 
 @dataclass
 class ResilienceConfig:
-    """What the training loop does about bad steps and signals (launch/resilience.py)."""
+    """What the training loop does about bad steps and signals (launch/trainer/resilience.py)."""
 
     max_nonfinite_in_row: int = 3  # abort after this many consecutive non-finite loss/grad-norm steps
     spike_factor: float = 0.0  # skip a step whose loss > factor x mean of recent losses; 0: off

@@ -1,5 +1,5 @@
 """The on-disk side of checkpoints: directory names, the manifest and its verification, safe
-reading of DCP metadata, and atomic file operations. `launch/checkpoint.py` drives them."""
+reading of DCP metadata, and atomic file operations. `launch/checkpoint/checkpointer.py` drives them."""
 from __future__ import annotations
 
 import contextlib

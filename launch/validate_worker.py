@@ -1,14 +1,15 @@
-"""One validation case in its own process (or one rank of it, under torchrun): the trainer's own
-set-up and step functions, as `launch.train.run` calls them, timed per step.
+"""One validation case of `simulate validate` in its own process (or one rank of it, under
+torchrun): the trainer's public set-up (`launch.trainer.setup.build_context`) and step
+(`TrainingContext.train_step`), as the training loop calls them, timed per step.
 
 Per step it records wall time, this thread's CPU time, and this thread's run-queue delay (time it
 was ready to run but another process held the core, from /proc/thread-self/schedstat). Busy time =
 wall - run-queue delay: what the step would take on cores of its own, waits for peers included.
 It also records the expert-parallel load imbalance the step's routing produced, and after each
-step, outside the timed region and on all ranks at once, the speed probe (`probe.py`): how fast the
-machine ran around that step.
+step, outside the timed region and on all ranks at once, the speed probe (`simulator/probe.py`):
+how fast the machine ran around that step.
 
-Usage: python -m simulator.validate_worker RECIPE.yaml STEPS OUT_PREFIX   (writes OUT_PREFIX.rank<r>.json)
+Usage: python -m launch.validate_worker RECIPE.yaml STEPS OUT_PREFIX   (writes OUT_PREFIX.rank<r>.json)
 """
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ def ep_imbalance(expert_load: list, ep: int) -> float:
     return sum(ratios) / len(ratios) if ratios else 1.0
 
 
-def global_load(expert_load: list, rt) -> list:
+def global_load(expert_load: list, runtime) -> list:
     """Per-layer expert loads summed over all ranks (outside the timed region): an expert's rank
     receives tokens from every rank of its EP group, and EP groups are statistically alike."""
-    if rt is None or not expert_load:
+    if runtime.layout.world == 1 or not expert_load:
         return expert_load
     import torch
     import torch.distributed as dist
@@ -54,47 +55,36 @@ def global_load(expert_load: list, rt) -> list:
     return t.tolist()
 
 
+def timed_step(ctx, step: int) -> dict:
+    """One training step: wall, thread CPU and run-queue time, and the EP imbalance it routed."""
+    w0, c0, d0 = time.perf_counter(), time.thread_time(), run_delay()
+    m = ctx.train_step(step)
+    wall, delay = time.perf_counter() - w0, run_delay() - d0
+    return {"wall_s": wall, "cpu_s": time.thread_time() - c0, "run_delay_s": delay,
+            "busy_s": max(0.0, wall - delay),
+            "ep_imbalance": ep_imbalance(global_load(m.get("expert_load", []), ctx.runtime),
+                                         ctx.recipe.parallel.expert_parallel)}
+
+
 def main(argv: list[str]) -> int:
     recipe_path, steps, out = argv[0], int(argv[1]), argv[2]
     import torch
-    from launch import train
-    from launch.distributed import init_distributed, shutdown
-    from launch.recipe import load_recipe
-    recipe = load_recipe(recipe_path)
-    t = recipe.train
-    rt = init_distributed(recipe)
-    train.seed_everything(t.seed)
-    model = train.build_model(recipe, "cpu")
-    if rt is not None:
-        rt.parallelize(model)
-    optimizer = train.build_optimizer(model, t)
-    if rt is not None:
-        optimizer = rt.wrap_optimizer(optimizer, model)
-    dp_rank, dp = (rt.dp_rank, rt.dp_size) if rt is not None else (0, 1)
-    batches, _ = train.build_data(recipe, rank=dp_rank, world=dp)
-    rank = rt.rank if rt is not None else 0
+
+    from launch.trainer.distributed import shutdown
+    from launch.trainer.recipe import load_recipe
+    from launch.trainer.setup import build_context
     from simulator.probe import SpeedProbe
+    ctx = build_context(load_recipe(recipe_path), log=False, measure_peak=False)
     probe = SpeedProbe()
     rows = []
     try:
         for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = train.lr_at(step, t)
-            w0, c0, d0 = time.perf_counter(), time.thread_time(), run_delay()
-            m = train.train_step(model, optimizer, batches, t, "cpu",
-                                 grad_reducer=rt.grad_reducer if rt is not None else None)
-            wall, delay = time.perf_counter() - w0, run_delay() - d0
-            rows.append({"wall_s": wall, "cpu_s": time.thread_time() - c0, "run_delay_s": delay,
-                         "busy_s": max(0.0, wall - delay),
-                         "ep_imbalance": ep_imbalance(global_load(m.get("expert_load", []), rt),
-                                                      recipe.parallel.expert_parallel)})
-            if rt is not None:
-                torch.distributed.barrier()  # the ranks probe together, as they trained together
+            rows.append(timed_step(ctx, step))
+            ctx.runtime.barrier()  # the ranks probe together, as they trained together
             rows[-1]["probe"] = probe.run()
     finally:
-        if rt is not None:
-            shutdown()
-    with open(f"{out}.rank{rank}.json", "w") as f:
+        shutdown()
+    with open(f"{out}.rank{ctx.runtime.rank}.json", "w") as f:
         json.dump({"threads": torch.get_num_threads(), "steps": rows}, f)
     return 0
 

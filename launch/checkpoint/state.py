@@ -1,5 +1,5 @@
 """What a training checkpoint holds, as layout-independent logical tensors, and which blocks of each
-one this rank owns. `launch/checkpoint.py` decides where and when it is written.
+one this rank owns. `launch/checkpoint/checkpointer.py` decides where and when it is written.
 
 Every entry of the DCP state dict is a *logical* tensor whose shape does not depend on the parallel
 layout, so a checkpoint written under one layout loads under any other (DCP reads, for each rank,
@@ -27,7 +27,8 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from parallel.zero import ZeroOptimizer
 
 
 @dataclass
@@ -137,10 +140,10 @@ class Placement:
     offsets: tuple  # of this rank's block inside the full tensor
 
 
-def placements(model: nn.Module, runtime=None) -> dict[str, Placement]:
+def placements(model: nn.Module, shards: Mapping[str, tuple] = MappingProxyType({})) -> dict[str, Placement]:
     """Full shape and block offsets of every parameter and persistent buffer of `model` on this
-    rank, from the runtime's `shards` (splits applied in order, as parallel.layout.take_shard)."""
-    shards = getattr(runtime, "shards", None) or {}
+    rank, from the runtime's `shards` (splits applied in order, as parallel.layout.take_shard);
+    without shards, the model is the full one."""
     out = {}
     for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
         full = list(t.shape)
@@ -155,10 +158,11 @@ def placements(model: nn.Module, runtime=None) -> dict[str, Placement]:
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for mod_name, mod in model.named_modules():
-        for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                yield (f"{mod_name}.{name}" if mod_name else name), buf
+    """The buffers a state dict holds (the persistent ones), in module order."""
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buf in model.named_buffers():
+        if name in persistent:
+            yield name, buf
 
 
 def _entry(local: torch.Tensor, pl: Placement):
@@ -175,12 +179,8 @@ def model_entries(model: nn.Module, place: dict[str, Placement]) -> dict[str, ob
 
 # --- optimizer state ----------------------------------------------------------------------------
 
-def _is_zero(optimizer) -> bool:
-    return hasattr(optimizer, "buckets") and hasattr(optimizer, "inner")
-
-
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    return optimizer.inner if _is_zero(optimizer) else optimizer
+    return optimizer.inner if isinstance(optimizer, ZeroOptimizer) else optimizer
 
 
 def ensure_state(optimizer) -> None:
@@ -223,41 +223,32 @@ def _state_items(state: dict) -> Iterator[tuple[str, torch.Tensor]]:
         yield k, v
 
 
-def _zero_overlaps(bucket) -> Iterator[tuple[nn.Parameter, int, int, int]]:
-    """(param, start, end, shard_start) for each parameter overlapping this rank's ZeRO shard:
-    elements [start, end) of the parameter's flat view are shard elements [shard_start, ...)."""
-    offset = 0
-    for p in bucket.params:
-        a, b = max(bucket.lo, offset), min(bucket.hi, offset + p.numel())
-        if a < b:
-            yield p, a - offset, b - offset, a - bucket.lo
-        offset += p.numel()
+def _zero_entries(names: dict[int, str], optimizer: ZeroOptimizer, place: dict[str, Placement]) -> dict[str, object]:
+    """ZeRO-1 state: each per-element state's piece of a parameter's flat view, cut into the
+    rectangles of the full tensor it covers; each bucket's scalar state under every parameter."""
+    out: dict[str, object] = {}
+    for shard in optimizer.state_blocks():
+        for p, a, b, state in shard.pieces:
+            name, pl = names[id(p)], place[names[id(p)]]
+            for key, v in state.items():
+                entry = out.setdefault(f"optim/{name}/{key}", Blocks(pl.global_shape))
+                pos = 0
+                for offs, sizes in flat_range_blocks(p.shape, a, b):
+                    n = math.prod(sizes)
+                    entry.add([o + q for o, q in zip(offs, pl.offsets)], v[pos:pos + n].view(sizes))
+                    pos += n
+        for p in shard.params:  # the bucket's step counter stands for each of its parameters
+            for key, v in shard.scalars.items():
+                out[f"optim/{names[id(p)]}/{key}"] = v
+    return out
 
 
 def optimizer_entries(model: nn.Module, optimizer, place: dict[str, Placement]) -> dict[str, object]:
     """The optimizer's state as logical tensors (call `ensure_state` first when loading)."""
-    params = dict(model.named_parameters())
-    names = {id(p): n for n, p in params.items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(optimizer, ZeroOptimizer):
+        return _zero_entries(names, optimizer, place)
     out: dict[str, object] = {}
-    if _is_zero(optimizer):
-        for bucket in optimizer.buckets:
-            state = dict(_state_items(optimizer.inner.state[bucket.shard]))
-            for p, a, b, s in _zero_overlaps(bucket):
-                name, pl = names[id(p)], place[names[id(p)]]
-                for key, v in state.items():
-                    if not v.dim():
-                        continue
-                    entry = out.setdefault(f"optim/{name}/{key}", Blocks(pl.global_shape))
-                    pos = s
-                    for offs, sizes in flat_range_blocks(p.shape, a, b):
-                        n = math.prod(sizes)
-                        entry.add([o + q for o, q in zip(offs, pl.offsets)], v[pos:pos + n].view(sizes))
-                        pos += n
-            for p in bucket.params:  # the bucket's step counter stands for each of its parameters
-                for key, v in state.items():
-                    if not v.dim():
-                        out[f"optim/{names[id(p)]}/{key}"] = v
-        return out
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = names[id(p)]
@@ -269,14 +260,10 @@ def optimizer_entries(model: nn.Module, optimizer, place: dict[str, Placement]) 
     return out
 
 
-@torch.no_grad()
 def refresh_zero_shards(optimizer) -> None:
     """After loading parameters: ZeRO-1 keeps an fp32 copy of its shard of them; refill it."""
-    if not _is_zero(optimizer):
-        return
-    for bucket in optimizer.buckets:
-        for p, a, b, s in _zero_overlaps(bucket):
-            bucket.shard.data[s:s + b - a].copy_(p.detach().reshape(-1)[a:b])
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.reload_shards()
 
 
 # --- random-number generators -------------------------------------------------------------------

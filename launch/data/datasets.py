@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from launch.tokenizer import ByteTokenizer, load_tokenizer
+from launch.data.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
     "DEFAULT_EMBEDDED_DOCS",
@@ -194,8 +194,8 @@ def ensure_embedded_dataset(
     files. Safe when several processes call it at once: one builds (under a file lock, into temporary
     names renamed into place) and the others reuse the result.
     """
-    from launch.corpus import CORPUS_VERSION, iter_embedded_corpus
-    from launch.prepare_data import write_indexed_dataset
+    from launch.data.corpus import CORPUS_VERSION, iter_embedded_corpus
+    from launch.data.prepare import write_indexed_dataset
 
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
