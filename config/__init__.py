@@ -42,7 +42,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; return the converted value or raise ConfigError."""
+    """Check `value` against the annotation `tp`; return the converted value or raise ConfigError.
+    One dispatch over the annotation kinds (about 60 lines): each branch is a few lines, read together."""
     origin = get_origin(tp)
     if tp is Any:
         return value

@@ -99,6 +99,7 @@ def build_datasets(
     is_built_on_rank: Optional[Callable[[], bool]] = None,
 ) -> Datasets:
     """Megatron GPTDatasets for the train and valid splits of the indexed dataset at `prefix`.
+    (About 75 lines, most of it the documented argument list and the Megatron config it fills.)
 
     num_samples: {"train": N, "valid": M}, the samples each split must provide (Megatron repeats
         and reshuffles epochs to reach them; the dataset may be slightly longer).

@@ -214,6 +214,7 @@ def write_indexed_dataset(
     on_document: Optional[Callable[[], None]] = None,
 ) -> DatasetStats:
     """Tokenize `documents` and write OUTPUT_PREFIX.bin/.idx atomically; return what was written.
+    (About 70 lines: the write, the index and the clean-up on failure share one try block.)
 
     Errors raised while iterating `documents` (e.g. PrepareDataError for a bad line) propagate
     after the temporary files are removed; existing files at the prefix are then left untouched.
