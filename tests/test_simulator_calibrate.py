@@ -226,9 +226,20 @@ def test_corrections_train_the_held_out_model_at_three_sizes(monkeypatch):
     """Plumbing, not accuracy: both sizes of the held-out model run through the real trainer and
     reach the fit as (measured forward + backward, modelled work, modelled fixed cost)."""
     import simulator.calibrate as cal
+    import simulator.validate as val
     seen = []
     monkeypatch.setattr(cal, "fit_corrections", lambda pts: seen.extend(pts) or (1.0, 1.0))
-    assert cal.measure_corrections(load_hardware("cpu_calibrated"), log=lambda s: None) == (1.0, 1.0)
+    prof = load_hardware("cpu_calibrated")
+    real_measure = val.measure
+
+    def measure_at_profile_speed(*args, **kwargs):
+        # the modelled costs scale with the speed probe read during each run; pin it to the
+        # profile's own reading so a noisy neighbour cannot move the modelled fixed cost
+        out = real_measure(*args, **kwargs)
+        assert out.get("probe_s", 0) > 0, out
+        return {**out, "probe_s": prof.speed_probe}
+    monkeypatch.setattr(val, "measure", measure_at_profile_speed)
+    assert cal.measure_corrections(prof, log=lambda s: None) == (1.0, 1.0)
     assert len(seen) == len(cal.CALIBRATION_STEPS) == 3
     (m1, w1, f1), _, (m3, w3, f3) = seen
     assert m1 > 0 and m3 > m1  # the larger step takes longer
