@@ -250,3 +250,87 @@ def test_npu_hook_glue_with_stand_in_module(monkeypatch):
         ref = _grads("reference", case, torch.float32, "sum")
         for a, leaf in zip(ref, leaves):
             torch.testing.assert_close(leaf.grad, a)
+
+
+# bf16 GEMM compute dtype: a CPU without a native bf16 GEMM (this AVX2 box) multiplies bf16 in fp32.
+# Both settings are forced here so each path is tested wherever the suite runs.
+@pytest.fixture(params=[False, True], ids=["bf16_as_fp32", "bf16_native"])
+def native_bf16(request, monkeypatch):
+    monkeypatch.setattr(fast_mod, "native_bf16_gemm", lambda device_type: request.param)
+    return request.param
+
+
+def test_gemm_compute_dtype(native_bf16):
+    assert fast_mod.gemm_compute_dtype(torch.float32, "cpu") == torch.float32
+    expected = torch.bfloat16 if native_bf16 else torch.float32
+    assert fast_mod.gemm_compute_dtype(torch.bfloat16, "cpu") == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_bf16_paths_match_per_token_loop(case, native_bf16):
+    x, idx, weights, w = make_case(case, torch.bfloat16)
+    out = run_moe(kernels.get_kernels("fast"), x, idx, weights, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), loop_moe(x, idx, weights, w), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("loss_kind", ["sum", "weighted"])
+@pytest.mark.parametrize("case", ["random", "zero_experts", "one_expert", "dropped", "all_dropped", "T1"])
+def test_fast_bf16_paths_gradients_match_reference(case, loss_kind, native_bf16):
+    ref = _grads("reference", case, torch.bfloat16, loss_kind)
+    fast = _grads("fast", case, torch.bfloat16, loss_kind)
+    for name, a, b in zip(("x", "w", "weights"), fast, ref):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), **TOL[torch.bfloat16], msg=lambda m: f"grad {name}: {m}")
+
+
+def test_bf16_gemm_runs_in_compute_dtype(monkeypatch, native_bf16):
+    seen = []
+    real = torch._grouped_mm
+
+    def recording(*args, **kwargs):
+        seen.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    x, idx, weights, w = make_case("random", torch.bfloat16)
+    w.requires_grad_()
+    x.requires_grad_()
+    out = run_moe(kernels.get_kernels("fast"), x, idx, weights, w)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert len(seen) == 3  # forward, dx, dw
+    assert set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
+
+
+@pytest.mark.parametrize("case", ["zero_experts", "dropped"])
+def test_fast_mixed_dtypes_bf16_x_fp32_w(case, native_bf16):
+    # bf16 activations with fp32 (master) expert weights: output bf16, each gradient in its input's dtype.
+    x, idx, weights, w = make_case(case, torch.bfloat16)
+    w32 = w.float().requires_grad_()
+    x.requires_grad_()
+    k = kernels.get_kernels("fast")
+    x_ND, counts_E, state = k.permute(x, idx, w32.shape[0])
+    out = k.unpermute(k.grouped_mm(x_ND, w32, counts_E), state, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), loop_moe(x, idx, weights, w32), **TOL[torch.bfloat16])
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w32.grad.dtype == torch.float32
+    ref = _grads("reference", case, torch.bfloat16, "sum")
+    torch.testing.assert_close(w32.grad, ref[1].float(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(x.grad.float(), ref[0].float(), **TOL[torch.bfloat16])
+
+
+def test_unpermute_weight_grad_without_drops_fully_written():
+    # No dropped assignment: the weight gradient buffer is not zero-filled first, so every entry
+    # must come from index_copy_ (compared with the reference, which zero-fills).
+    x, idx, weights, _ = make_case("random", torch.float32)
+    grads = []
+    for impl in IMPLS:
+        k = kernels.get_kernels(impl)
+        wts = weights.clone().requires_grad_()
+        x_ND, _, state = k.permute(x, idx, 6)
+        k.unpermute(x_ND, state, wts).pow(2).sum().backward()
+        grads.append(wts.grad)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0])
