@@ -17,6 +17,7 @@ from typing import Optional
 
 from moe import accounting as acc
 from moe.config import ModelConfig
+from moe.mfu_conventions import CONVENTIONS, flops_per_token
 from simulator import comm as C
 from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
@@ -47,10 +48,16 @@ class Estimate:
     stage_memory: list = field(default_factory=list)  # peak bytes per pipeline rank
     ops: dict = field(default_factory=dict)  # per-step seconds by operator on the critical rank
     timeline: Optional[Timeline] = None
+    # MFU under each published FLOP convention (moe/mfu_conventions.py); `mfu` is "ultramoe"'s
+    mfu_by_convention: dict = field(default_factory=dict)
+    tokens_per_s_per_device: float = 0.0
+    peak_flops_per_s: float = 0.0  # the MFU denominator of one device
 
     def summary(self) -> dict:
         return {"layout": self.layout.short(), "dp": self.derived.dp, "micro_batches": self.derived.micro_batches,
-                "step_time_s": self.step_time, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "step_time_s": self.step_time, "tokens_per_s": self.tokens_per_s,
+                "tokens_per_s_per_device": self.tokens_per_s_per_device, "mfu": self.mfu,
+                **{f"mfu_{c}": v for c, v in self.mfu_by_convention.items() if c != "ultramoe"},
                 "peak_memory_gb": self.peak_memory / GB, "fits": self.fits}
 
 
@@ -344,7 +351,10 @@ class Simulator:
                        mfu=flops_tok * tok_s / (self.num_devices * self.peak), breakdown={},
                        memory=memory, peak_memory=peak, fits=peak <= usable, hardware=self.hw.name,
                        model_flops_per_token=flops_tok, timeline=tl,
-                       stage_memory=[mems[r][0] for r in sorted(mems)] if tl is not None else [])
+                       stage_memory=[mems[r][0] for r in sorted(mems)] if tl is not None else [],
+                       mfu_by_convention={c: f * tok_s / (self.num_devices * self.peak)
+                                          for c, f in self._convention_flops(lay.seq_len).items()},
+                       tokens_per_s_per_device=tok_s / self.num_devices, peak_flops_per_s=self.peak)
         if timeline:
             est.breakdown = step_breakdown(chunks, lay.pp, lay.vpp, m, crit, finish[crit], dps[crit], step)
             est.ops = self._op_breakdown(lay, d, crit, m)
@@ -369,6 +379,15 @@ class Simulator:
         key = ("flops", seq_len)
         if key not in self._cache:
             self._cache[key] = acc.model_flops_per_token(self.model, seq_len, self.opt.include_mtp_flops)
+        return self._cache[key]
+
+    def _convention_flops(self, seq_len: int) -> dict[str, float]:
+        """Training FLOPs per token under each published convention; "ultramoe" is the one `mfu` uses."""
+        key = ("conventions", seq_len)
+        if key not in self._cache:
+            flops = {c: flops_per_token(self.model, seq_len, c) for c in CONVENTIONS}
+            flops["ultramoe"] = self._flops_per_token(seq_len)
+            self._cache[key] = flops
         return self._cache[key]
 
     def _op_breakdown(self, lay: Layout, d: Derived, r: int, m: int) -> dict:

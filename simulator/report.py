@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from moe import accounting as acc
+from moe.mfu_conventions import DESCRIPTIONS
 from simulator.cost import Estimate
 
 GB = 2**30
@@ -36,9 +37,10 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
     lines = [f"{model_name} on {num_devices} x {est.hardware}: layout {lay.short()} "
              f"(dp {d.dp}, ep {d.ep}, etp {d.etp}, edp {d.edp}, {d.micro_batches} micro-batches/pipeline, "
              f"{d.noop_layers} no-op layers)",
-             f"step {est.step_time:.3f} s | {est.tokens_per_s:,.0f} tokens/s | MFU {100 * est.mfu:.1f}% | "
+             f"step {est.step_time:.3f} s | {est.tokens_per_s:,.0f} tokens/s | MFU {100 * est.mfu:.1f}% (ultramoe convention) | "
              f"peak memory {est.peak_memory / GB:.1f} GiB of {usable_gb:.1f} usable -> "
-             f"{'fits' if est.fits else 'OUT OF MEMORY'}", "", "step-time breakdown (critical pipeline rank):"]
+             f"{'fits' if est.fits else 'OUT OF MEMORY'}", *mfu_lines(est), "",
+             "step-time breakdown (critical pipeline rank):"]
     total = est.breakdown.get("total", est.step_time) or 1.0
     for k, v in est.breakdown.items():
         if k != "total":
@@ -55,11 +57,24 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
     return "\n".join(lines)
 
 
+def mfu_lines(est: Estimate) -> list[str]:
+    """MFU under each published FLOP convention, named, with tokens/s per device beside it: the
+    figures to compare with a paper's (see moe/mfu_conventions.py for what each counts)."""
+    if not est.mfu_by_convention:
+        return []
+    out = [f"MFU by FLOP convention ({est.tokens_per_s_per_device:,.1f} tokens/s per device, peak "
+           f"{est.peak_flops_per_s / 1e12:,.4g} TFLOP/s per device):"]
+    for c, v in est.mfu_by_convention.items():
+        out.append(f"  {c:<18} {100 * v:5.1f}%   {DESCRIPTIONS[c]}")
+    return out
+
+
 def estimate_dict(est: Estimate) -> dict:
     from dataclasses import asdict
     return {**est.summary(), "layout_fields": asdict(est.layout), "derived": asdict(est.derived),
             "breakdown_s": est.breakdown, "memory_gb": {k: v / GB for k, v in est.memory.items()},
             "stage_memory_gb": [x / GB for x in est.stage_memory], "ops_s": est.ops,
+            "mfu_by_convention": est.mfu_by_convention, "mfu_peak_flops_per_s": est.peak_flops_per_s,
             "model_flops_per_token": est.model_flops_per_token}
 
 

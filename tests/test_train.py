@@ -76,6 +76,10 @@ def test_training_is_deterministic_and_loss_falls(tmp_path):
     assert 0 < rec["mfu"] < 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["first_loss"] == h1[0]["lm_loss"]
+    by_convention = summary["median_mfu_by_convention"]
+    assert set(by_convention) == {"ultramoe", "megatron", "6n_full_attention"}
+    assert by_convention["ultramoe"] == pytest.approx(summary["median_mfu"])
+    assert summary["tokens_per_s_per_device"] == pytest.approx(summary["median_tokens_per_s"])  # one process
 
 
 def test_bf16_autocast_trains(tmp_path):

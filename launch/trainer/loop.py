@@ -19,6 +19,7 @@ from launch.trainer.resilience import Recovery
 from launch.trainer.setup import TrainingContext, build_context
 from launch.trainer.step import lr_at
 from moe.accounting import format_params, param_counts
+from moe.mfu_conventions import mfu_by_convention
 
 
 def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
@@ -53,7 +54,7 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
         return history
     history[-1]["eval_loss"] = final_eval
     if ctx.log:
-        _summarise(history, out_dir, ctx.peak)
+        _summarise(history, out_dir, ctx)
     return history
 
 
@@ -110,7 +111,8 @@ def _progress(total: int, show: bool, initial: int = 0):
                 mininterval=1.0)
 
 
-def _summarise(history: list[dict], out_dir: Path, peak) -> None:
+def _summarise(history: list[dict], out_dir: Path, ctx: TrainingContext) -> None:
+    peak = ctx.peak
     first = history[0]["lm_loss"]
     tail = history[-min(10, len(history)):]
     last = sum(h["lm_loss"] for h in tail) / len(tail)
@@ -121,8 +123,14 @@ def _summarise(history: list[dict], out_dir: Path, peak) -> None:
         "median_mfu": float(np.median([h["mfu"] for h in history])), "mfu_peak": peak.source,
         "mfu_peak_flops_per_s": peak.flops_per_s,
     }
+    # the same median throughput under each published FLOP convention, to compare with papers
+    tok_s, world = summary["median_tokens_per_s"], ctx.runtime.layout.world
+    summary["tokens_per_s_per_device"] = tok_s / world
+    summary["median_mfu_by_convention"] = mfu_by_convention(
+        ctx.recipe.model, ctx.recipe.train.seq_len, tok_s, peak.flops_per_s, world)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"loss: first step {first:.4f} -> last {len(tail)} steps mean {last:.4f} "
           f"(eval {summary['final_eval_loss']:.4f}); median {summary['median_tokens_per_s']:.0f} tokens/s, "
-          f"MFU {100 * summary['median_mfu']:.1f}% of {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})")
+          f"MFU {100 * summary['median_mfu']:.1f}% of {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source}; "
+          + ", ".join(f"{c} {100 * v:.1f}%" for c, v in summary["median_mfu_by_convention"].items()) + ")")
     print(f"metrics: {out_dir / 'metrics.jsonl'}, TensorBoard: {out_dir / 'tensorboard'}")
