@@ -24,7 +24,7 @@ from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
 from simulator.layout import Derived, Layout, derive
 from parallel.layout import noop_placement
-from simulator.schedule import Timeline, in_flight_per_chunk, simulate, step_breakdown
+from simulator.schedule import BUSY_KINDS, Timeline, in_flight_per_chunk, simulate, step_breakdown
 
 GB = 2**30
 KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
@@ -39,19 +39,21 @@ class Estimate:
     step_time: float
     tokens_per_s: float
     mfu: float
-    breakdown: dict  # seconds on the critical pipeline rank; sums to step_time
+    breakdown: dict  # seconds on the busiest pipeline rank (critical_stage); sums to step_time
     memory: dict  # bytes on the device with the highest peak
     peak_memory: float
     fits: bool
     hardware: str
     model_flops_per_token: float
     stage_memory: list = field(default_factory=list)  # peak bytes per pipeline rank
-    ops: dict = field(default_factory=dict)  # per-step seconds by operator on the critical rank
+    ops: dict = field(default_factory=dict)  # per-step seconds by operator on the busiest stage
     timeline: Optional[Timeline] = None
     # MFU under each published FLOP convention (moe/mfu_conventions.py); `mfu` is "ultramoe"'s
     mfu_by_convention: dict = field(default_factory=dict)
     tokens_per_s_per_device: float = 0.0
     peak_flops_per_s: float = 0.0  # the MFU denominator of one device
+    critical_stage: int = 0  # the pipeline rank `breakdown` and `ops` describe: the busiest one
+    stage_busy: list = field(default_factory=list)  # forward + backward + exposed comm s per pipeline rank
 
     def summary(self) -> dict:
         return {"layout": self.layout.short(), "dp": self.derived.dp, "micro_batches": self.derived.micro_batches,
@@ -356,8 +358,16 @@ class Simulator:
                                           for c, f in self._convention_flops(lay.seq_len).items()},
                        tokens_per_s_per_device=tok_s / self.num_devices, peak_flops_per_s=self.peak)
         if timeline:
-            est.breakdown = step_breakdown(chunks, lay.pp, lay.vpp, m, crit, finish[crit], dps[crit], step)
-            est.ops = self._op_breakdown(lay, d, crit, m)
+            # Attribute the step to the busiest stage, the one that bounds the pipeline: the rank
+            # that finishes last is often a light one (the first stage waits for all backwards),
+            # whose "bubble" would then hide the heavy stages' work.
+            per_rank = [step_breakdown(chunks, p, v, m, r, finish[r], dps[r], step) for r in range(p)]
+            busy = [sum(b[k] for k in BUSY_KINDS) for b in per_rank]
+            heavy = max(range(p), key=busy.__getitem__)
+            b = per_rank[heavy]
+            b["bubble"] = max(0.0, step - busy[heavy] - b["dp_comm"] - b["optimizer"])
+            est.breakdown, est.critical_stage, est.stage_busy = b, heavy, busy
+            est.ops = self._op_breakdown(lay, d, heavy, m)
         return est
 
     def _group_extras(self, lay: Layout, d: Derived, pipe: "_Pipe") -> list:

@@ -40,18 +40,20 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
              f"step {est.step_time:.3f} s | {est.tokens_per_s:,.0f} tokens/s | MFU {100 * est.mfu:.1f}% (ultramoe convention) | "
              f"peak memory {est.peak_memory / GB:.1f} GiB of {usable_gb:.1f} usable -> "
              f"{'fits' if est.fits else 'OUT OF MEMORY'}", *mfu_lines(est), "",
-             "step-time breakdown (critical pipeline rank):"]
+             f"step-time breakdown (busiest pipeline stage, rank {est.critical_stage} of {lay.pp}):"]
     total = est.breakdown.get("total", est.step_time) or 1.0
     for k, v in est.breakdown.items():
         if k != "total":
             lines.append(f"  {k:<12} {v:9.3f} s  {100 * v / total:5.1f}%")
+    if len(est.stage_busy) > 1:
+        lines.append("  busy s per pipeline stage: " + " ".join(f"{x:.2f}" for x in est.stage_busy))
     lines += ["", "memory on the fullest device:"]
     for k, v in est.memory.items():
         lines.append(f"  {k:<12} {v / GB:9.2f} GiB")
     if est.stage_memory:
         lines.append("  per pipeline rank: " + " ".join(f"{x / GB:.1f}" for x in est.stage_memory))
     if est.ops:
-        lines += ["", "heaviest operators (forward + backward per step, critical rank):"]
+        lines += ["", "heaviest operators (forward + backward per step, busiest stage):"]
         for name, t in list(est.ops.items())[:10]:
             lines.append(f"  {name:<16} {t:9.3f} s")
     return "\n".join(lines)
@@ -74,6 +76,7 @@ def estimate_dict(est: Estimate) -> dict:
     return {**est.summary(), "layout_fields": asdict(est.layout), "derived": asdict(est.derived),
             "breakdown_s": est.breakdown, "memory_gb": {k: v / GB for k, v in est.memory.items()},
             "stage_memory_gb": [x / GB for x in est.stage_memory], "ops_s": est.ops,
+            "critical_stage": est.critical_stage, "stage_busy_s": est.stage_busy,
             "mfu_by_convention": est.mfu_by_convention, "mfu_peak_flops_per_s": est.peak_flops_per_s,
             "model_flops_per_token": est.model_flops_per_token}
 

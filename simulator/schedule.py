@@ -174,6 +174,9 @@ def simulate(p: int, v: int, m: int, fwd, bwd, p2p: float = 0.0, act=None, comm=
     return Timeline(events, max(free), list(free), peak)
 
 
+BUSY_KINDS = ("compute", "recompute", "tp_comm", "ep_comm", "cp_comm", "swap")  # a rank's own work
+
+
 def step_breakdown(chunks: list, pp: int, vpp: int, m: int, r: int, finish: float, dp: tuple,
                    step: float) -> dict:
     """Attribute the critical rank's step time: busy time by kind; the rest of the pipeline phase

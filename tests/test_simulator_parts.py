@@ -333,3 +333,22 @@ def test_quoted_peaks_come_from_one_table(monkeypatch):
         with_quoted_peak({"quoted_peak": "H800", "peak_tflops": {"bf16": 1.0}})
     with pytest.raises(ConfigError, match="unknown device 'TPU'"):
         with_quoted_peak({"quoted_peak": "TPU"})
+
+
+def test_breakdown_describes_the_busiest_stage_not_the_last_to_finish():
+    """DeepSeek-V3 on PP 16: the first stage (embedding + 3 dense layers) is light and finishes
+    last (it waits for every backward); the breakdown must show a heavy MoE stage's work instead of
+    counting it as bubble, and list every stage's busy time."""
+    from simulator.cost import Simulator
+    from simulator.recipe import load_sim_recipe
+    from simulator.schedule import BUSY_KINDS
+    from pathlib import Path
+    from simulator.hardware import load_hardware
+    rec = load_sim_recipe(Path(__file__).parents[1] / "configs/simulator/deepseek_v3_2k_h800.yaml")
+    est = Simulator(rec.model, load_hardware(rec.hardware), rec.num_devices, rec.options).estimate(rec.layout)
+    assert len(est.stage_busy) == rec.layout.pp == 16
+    assert est.critical_stage == max(range(16), key=est.stage_busy.__getitem__) != 0
+    assert est.stage_busy[0] < 0.8 * est.stage_busy[est.critical_stage]  # the light first stage
+    b = est.breakdown
+    assert sum(b[k] for k in BUSY_KINDS) == pytest.approx(est.stage_busy[est.critical_stage])
+    assert sum(v for k, v in b.items() if k != "total") == pytest.approx(est.step_time)
