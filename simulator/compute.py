@@ -93,19 +93,21 @@ class ComputeModel:
         t = passes * elems * (elem_bytes or self.b) / self.mem_bw
         return Op(name, t + kernels * self.overhead, 2 * t + 2 * kernels * self.overhead, 0.0, selective)
 
-    def core_attention(self, tokens: float, seq: int, heads: float, d_qk: int, d_v: int) -> Op:
-        """Causal attention of `tokens` queries over their sequences: S/2 keys per query on average."""
+    def core_attention(self, tokens: float, seq: int, heads: float, d_qk: int, d_v: int, cp: int = 1) -> Op:
+        """Causal attention of `tokens` queries over their sequences: S/2 keys per query on average.
+        Under context parallelism the rank's share runs as `cp` ring steps, one per key chunk of
+        S/cp: the same FLOPs in cp kernels of 1/cp the size (lower efficiency, cp launch costs)."""
         keys = seq / 2
         flops = 2.0 * tokens * heads * keys * (d_qk + d_v)
-        eff = self.hw.matmul(seq, d_qk, keys) * self.hw.matmul.attention_factor
-        t = flops / (self.peak * eff) + self.overhead
+        eff = self.hw.matmul(seq / cp, d_qk, keys / cp) * self.hw.matmul.attention_factor
+        t = flops / (self.peak * eff) + cp * self.overhead
         return Op("core_attention", t, CORE_ATTN_BWD_FACTOR * t, flops)
 
     # -- layer parts (T = tokens of one micro-batch on this cp rank, before the SP split) --------
 
-    def attention(self, T: float, seq: int, tp: int, sp: int | None = None) -> list[Op]:
+    def attention(self, T: float, seq: int, tp: int, sp: int | None = None, cp: int = 1) -> list[Op]:
         """`sp`: ranks sharing the token dimension outside TP regions (tp with sequence parallelism,
-        1 without); defaults to tp."""
+        1 without); defaults to tp. `cp`: context-parallel ranks sharing each sequence."""
         cfg, D = self.model, self.model.hidden_size
         t_sp = T / (sp or tp)
         ops = [self.eltwise("attn_norm", "norm", t_sp * D, selective=True)]
@@ -133,7 +135,7 @@ class ComputeModel:
         ops.append(self.eltwise("attn_reshape", "attn_reshape", qk_elems))
         # Under context parallelism this rank holds T = tokens/cp queries of a causally balanced
         # split, so it does 1/cp of the sequence's attention work.
-        ops.append(self.core_attention(T, seq, heads, d_qk, d_v))
+        ops.append(self.core_attention(T, seq, heads, d_qk, d_v, cp))
         if cfg.norm == "sandwich":
             ops.append(self.eltwise("attn_post_norm", "norm", t_sp * D, selective=True))
         ops.append(self.eltwise("attn_residual", "residual", t_sp * D))

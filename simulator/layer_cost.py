@@ -151,7 +151,7 @@ class LayerCosts:
         # TP rank's slice T/tp; expert TP dispatches all T tokens to experts of 1/etp width.
         t_moe = T / tp if lay.sequence_parallel or lay.tp_extend_ep else T
         rows = t_moe * cfg.top_k * o.expert_imbalance * (d.etp if lay.sequence_parallel else 1)
-        attn_ops = cm.attention(T, lay.seq_len, tp, sp)
+        attn_ops = cm.attention(T, lay.seq_len, tp, sp, cp)
         nodes = C.group_span(d.ep, d.etp, dpn)[1]
         ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes, sp, t_moe, rows)
                    if moe else cm.dense_ffn(T, tp, sp))
@@ -167,9 +167,11 @@ class LayerCosts:
         if cp > 1:
             kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
                                            else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
-            t_cp = C.all_gather(cp * kv, cp, tp, dpn).time(hw)
-            core = next(op.fwd for op in attn_ops if op.name == "core_attention")
-            pcost.cp = max(0.0, t_cp - core)
+            # Ring exchange: cp - 1 hand-offs of one chunk's K/V, each hidden behind one step's
+            # attention block at best; the first block (the rank's own chunk) hides nothing.
+            t_hop = C.all_gather(cp * kv, cp, tp, dpn).time(hw) / (cp - 1)
+            block = next(op.fwd for op in attn_ops if op.name == "core_attention") / cp
+            pcost.cp = (cp - 1) * max(0.0, t_hop - block)
         if moe and d.ep * d.etp > 1:
             self._ep_costs(pcost, ffn_ops, t_moe, lay, d)
         # activations

@@ -352,3 +352,20 @@ def test_breakdown_describes_the_busiest_stage_not_the_last_to_finish():
     b = est.breakdown
     assert sum(b[k] for k in BUSY_KINDS) == pytest.approx(est.stage_busy[est.critical_stage])
     assert sum(v for k, v in b.items() if k != "total") == pytest.approx(est.step_time)
+
+
+def test_context_parallel_is_not_free():
+    """cp2 with micro-batch 2 holds the same tokens per rank as cp1 with micro-batch 1; it must cost
+    more (the ring exchange of K/V and the smaller attention kernels), not the same."""
+    from pathlib import Path
+    from simulator.cost import Simulator
+    from simulator.hardware import load_hardware
+    from simulator.recipe import load_sim_recipe
+    rec = load_sim_recipe(Path(__file__).parents[1] / "configs/simulator/deepseek_v3_2k_h800.yaml")
+    sim = Simulator(rec.model, load_hardware(rec.hardware), rec.num_devices, rec.options)
+    base = replace(rec.layout, pp=8, vpp=4, tp=2, ep=16, tp_extend_ep=True)
+    one = sim.estimate(replace(base, cp=1, micro_batch_size=1))
+    two = sim.estimate(replace(base, cp=2, micro_batch_size=2))
+    assert one.breakdown["cp_comm"] == 0 and two.breakdown["cp_comm"] > 0
+    assert two.breakdown["compute"] > one.breakdown["compute"]  # same FLOPs in smaller kernels
+    assert two.step_time > one.step_time
