@@ -37,6 +37,7 @@ import yaml
 from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
 from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, CalibrationError, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
+from simulator.machine import this_machine
 from simulator.probe import SpeedProbe
 
 DEFAULT_OUT = HARDWARE_DIR / "cpu_calibrated.yaml"
@@ -367,7 +368,7 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         host_link=Link(mem_bw / 1e9, 1.0), matmul=eff, host_memory_bandwidth_gbps=mem_bw / 1e9,
         op_overhead_us=overhead * 1e6, reserved_memory_gb=min(2.0, mem_gb / 4), cpu_threads=threads,
         op_costs=ops, optimizer_cost=opt_cost, collective_links=collective_links,
-        concurrency_slowdown=concurrency, speed_probe=speed_probe,
+        concurrency_slowdown=concurrency, speed_probe=speed_probe, measured_on=this_machine(threads),
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))

@@ -22,6 +22,7 @@ from typing import Optional
 from config import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 from simulator.cost import Simulator
 from simulator.hardware import CalibrationError, load_hardware
+from simulator.machine import profile_mismatch, quick_probe
 from simulator.recipe import SimRecipe, sim_recipe_from_dict
 from simulator.report import (describe, estimate_dict, model_line, pareto_front, pareto_plot, table, write_csv,
                               write_json)
@@ -58,6 +59,10 @@ def _simulator(r: SimRecipe) -> Simulator:
 def cmd_estimate(args) -> int:
     r, _ = _recipe(args)
     sim = _simulator(r)
+    if sim.hw.device == "cpu":  # a CPU profile describes one machine at one speed: is it this one?
+        warning = profile_mismatch(sim.hw, quick_probe(sim.hw.cpu_threads))
+        if warning:
+            print(warning, file=sys.stderr)
     t0 = time.perf_counter()
     est = sim.estimate(r.layout)
     dt = time.perf_counter() - t0

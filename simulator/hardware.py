@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from config import ConfigError, from_dict, load_yaml, resolve_file
 from parallel.peaks import QUOTED_PEAKS_TFLOPS
@@ -117,6 +117,9 @@ class HardwareProfile:
     # (per-operator launch cost and the fixed part of `op_costs`). The simulator applies both.
     work_correction: float = 1.0
     overhead_correction: float = 1.0
+    # CPU profiles: the machine the measurements were taken on (`simulator/machine.py`): cpu_model,
+    # cpus, torch, threads; `estimate` and `validate` warn when this machine differs
+    measured_on: dict[str, Union[str, int]] = field(default_factory=dict)
     notes: str = ""
 
     def validate(self, path: str = "") -> None:

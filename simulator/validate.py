@@ -35,6 +35,7 @@ from config import ConfigError, from_dict, load_yaml
 from moe.config import ModelConfig
 from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, load_hardware
+from simulator.machine import profile_mismatch, quick_probe
 from parallel.config import ParallelConfig
 from simulator.layout import Layout
 
@@ -236,6 +237,9 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
     if not hw.speed_probe:
         raise ConfigError(f"hardware.speed_probe: profile {hw.name!r} has no speed-probe baseline (calibrated "
                           f"by an older version); re-run `python -m simulator calibrate`")
+    warning = profile_mismatch(hw, quick_probe(threads))
+    if warning:
+        log(warning)
     rows = []
     for c in cfg.cases:
         if only and c.name not in only:
