@@ -16,13 +16,16 @@ Save (a collective: every rank calls it): all ranks write their pieces into `.tm
 each rank hashes the files it wrote; rank 0 writes meta.json, recipe.yaml and MANIFEST.json, fsyncs,
 renames the directory to `step-N` (atomic on POSIX file systems), rewrites `latest` through a
 temporary file and deletes checkpoints beyond `keep_last`. A process killed at any point leaves
-either the old set of checkpoints or the new one, never a half-written `step-N`.
+either the old set of checkpoints or the new one, never a half-written `step-N`; a save that fails
+removes its `.tmp-step-N` (a full disk is named as such). The first save after a `verify: size`
+load hashes the checkpoint it came from first, and writes and prunes nothing if that fails.
 
 Load: the candidates are the `step-*` directories, newest first (a newer complete checkpoint wins
 over a stale `latest`). Each is verified before anything is deserialised (manifest present, every
 file present with the recorded size and, with verify: checksum, sha256; the ranks split the files
 between them), and with `fallback_to_previous` a damaged one is skipped with a warning naming the
-problem. DCP's pickled `.metadata` is read with an unpickler that only admits DCP's own metadata
+problem. File names in the manifest and `.metadata` that leave the checkpoint directory are
+refused. DCP's pickled `.metadata` is read with an unpickler that only admits DCP's own metadata
 classes, and tensor data with `torch.load(weights_only=True)` (DCP's reader), so a checkpoint cannot
 run code. A checkpoint written for a different model shape is an error, never a fallback.
 
@@ -33,6 +36,7 @@ so the training loop's own collectives never interleave with the checkpoint's.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import os
 import shutil
@@ -103,6 +107,9 @@ class Checkpointer:
         self._pending: Optional[concurrent.futures.Future] = None
         self.last_saved: Optional[Path] = None
         self.last_loaded: Optional[Path] = None
+        # Loaded with `verify: size`: its bytes were not hashed; the first save does that before it
+        # publishes or prunes anything (see _check_source).
+        self._unhashed: Optional[Path] = None
 
     def _say(self, msg: str) -> None:
         if self.log:
@@ -156,6 +163,7 @@ class Checkpointer:
         g, name = self.group, step_dir_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
         start = time.perf_counter()
+        self._check_source(name)
         prepared = None
         if g.rank == 0:
             try:
@@ -164,7 +172,8 @@ class Checkpointer:
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir()
             except OSError as e:
-                prepared = f"saving {final} failed: cannot create {tmp} ({e}); check the path and its permissions"
+                prepared = self._no_space(final, e) or (f"saving {final} failed: cannot create {tmp} ({e}); "
+                                                        "check the path and its permissions")
         prepared = g.broadcast(prepared)  # also the barrier: the directory exists before anyone writes
         if prepared:
             raise CheckpointError(prepared)
@@ -174,8 +183,10 @@ class Checkpointer:
                 dcp.save(entries, storage_writer=writer, planner=cs.SavePlanner(), process_group=g.pg,
                          no_dist=not g.on)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException; it fails on all ranks
-            raise CheckpointError(f"saving {final} failed: {_describe(e)}; the previous "
-                                  f"checkpoints are untouched (check free space and permissions of {self.root})") from e
+            self._discard(tmp)
+            raise CheckpointError(self._no_space(final, e) or (
+                f"saving {final} failed: {_describe(e)}; the partial save was removed and the previous "
+                f"checkpoints are untouched (check free space and permissions of {self.root})")) from e
         try:
             mine = {f: cf.file_record(tmp / f) for f in writer.written}
         except OSError as e:  # reported through the gather, so no rank is left waiting
@@ -183,6 +194,7 @@ class Checkpointer:
         gathered = g.all_gather(mine)
         failed = [part[""] for part in gathered if "" in part]
         if failed:
+            self._discard(tmp)
             raise CheckpointError(f"saving {final} failed: cannot read back the written files ({'; '.join(failed)}); "
                                   "the previous checkpoints are untouched")
         error = None
@@ -198,13 +210,43 @@ class Checkpointer:
                 self._publish(tmp, final)
                 self._prune(step)
             except OSError as e:
-                error = f"publishing {final} failed: {e}; the checkpoints published before are untouched"
+                self._discard(tmp)  # gone already if the rename happened: step-N is then complete
+                error = self._no_space(final, e) or (f"publishing {final} failed: {e}; the checkpoints "
+                                                     "published before are untouched")
         error = g.broadcast(error)  # every rank learns the outcome (and waits for the publish)
         if error:
             raise CheckpointError(error)
         self.last_saved = final
         self._say(f"saved {final} in {time.perf_counter() - start:.2f}s")
         return final
+
+    def _discard(self, tmp: Path) -> None:
+        """Remove a failed save at once: left behind, it would keep a full disk full."""
+        if self.group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _no_space(self, final: Path, e: BaseException) -> Optional[str]:
+        """The message for a save that failed because the disk (or quota) is full, else None. The
+        OSError is often buried: torch.save reports it as "unexpected pos", DCP wraps that."""
+        if not _caused_by(e, {errno.ENOSPC, errno.EDQUOT}):
+            return None
+        return (f"saving {final} failed: no space left on device in {self.root}; the partial save was removed "
+                "and the previous checkpoints are untouched (free space there or set checkpoint.dir to another disk)")
+
+    def _check_source(self, name: str) -> None:
+        """Before the first save after a `verify: size` load: hash the checkpoint it came from. If
+        that fails, this run's state descends from damaged bytes; publishing it would make it the
+        newest checkpoint and pruning would delete the good ones, so nothing is written."""
+        source = self._unhashed
+        if source is None:
+            return
+        problem = self.verify(source, checksum=True)
+        if problem:  # stays unhashed: every later save refuses too
+            raise CheckpointError(
+                f"not saving {name}: {source}, which this run resumed from, was loaded with checkpoint.verify: size "
+                f"and now fails the full check ({problem}); nothing was pruned. Remove it and resume from an "
+                "older checkpoint (checkpoint.verify: checksum skips damaged ones by itself)")
+        self._unhashed = None
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # the same step saved again (e.g. after resuming from an older one)
@@ -269,12 +311,13 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.resume: {path} holds no step-N checkpoint directories")
         return found
 
-    def verify(self, path: Path) -> Optional[str]:
-        """None if `path` is a complete, intact checkpoint, else the problem (same on every rank)."""
+    def verify(self, path: Path, checksum: Optional[bool] = None) -> Optional[str]:
+        """None if `path` is a complete, intact checkpoint, else the problem (same on every rank).
+        `checksum`: also compare sha256 (default: as `checkpoint.verify` says)."""
+        checksum = self.cfg.verify == "checksum" if checksum is None else checksum
         try:
             manifest = read_manifest(path)
-            problems = verify_files(path, manifest["files"], self.cfg.verify == "checksum",
-                                    (self.group.rank, self.group.world))
+            problems = verify_files(path, manifest["files"], checksum, (self.group.rank, self.group.world))
         except CheckpointError as e:
             problems = [str(e)]
         everyone = [p for part in self.group.all_gather(problems) for p in part]
@@ -302,6 +345,7 @@ class Checkpointer:
             if problem is None:
                 info = self._load_from(path, model, optimizer)
                 self.last_loaded = path
+                self._unhashed = path if self.cfg.verify != "checksum" else None
                 return info
             failures.append(f"{path.name}: {problem}")
             if not self.cfg.fallback_to_previous:
@@ -339,6 +383,23 @@ class Checkpointer:
                       "their freshly seeded generators")
         self._say(f"loaded {path} (step {info.get('step')}) in {time.perf_counter() - start:.2f}s")
         return info
+
+
+def _caused_by(e: BaseException, errnos: set) -> bool:
+    """Whether an OSError with one of `errnos` is `e` or behind it (its cause or context, or a
+    rank's failure inside DCP's CheckpointException)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in errnos:
+            return True
+        todo += [x.__cause__, x.__context__]
+        if isinstance(x, CheckpointException):
+            todo += [failure[0] for failure in x.failures.values()]
+    return False
 
 
 def _to_host(v):

@@ -10,7 +10,7 @@ import pickle
 import re
 import uuid
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -35,6 +35,15 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def inside(name) -> bool:
+    """Whether `name`, a file name from a manifest or DCP metadata, stays inside the checkpoint
+    directory: relative and without `..` (a crafted file could otherwise point anywhere)."""
+    if not isinstance(name, (str, PurePath)) or not str(name):
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts
 
 
 # --- safe reading of DCP metadata ---------------------------------------------------------------
@@ -64,6 +73,12 @@ class SafeReader(FileSystemReader):
                 metadata = _MetadataUnpickler(f).load()
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+        storage = getattr(metadata, "storage_data", None)
+        names = [getattr(s, "relative_path", None) for s in storage.values()] if isinstance(storage, dict) else [None]
+        outside = [n for n in names if not inside(n)]
+        if outside:
+            raise CheckpointError(f"{path}: points at {str(outside[0])!r}, a path outside the checkpoint "
+                                  "directory; refusing to read it (the metadata is crafted or damaged)")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -107,6 +122,13 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{m}: unreadable ({e})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{m}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{m}: no file list (the manifest is damaged)")
+    outside = [name for name in files if not inside(name)]
+    if outside:
+        raise CheckpointError(f"{m}: lists {outside[0]!r}, a path outside the checkpoint directory; refusing to "
+                              "read it (the manifest is crafted or damaged)")
     return manifest
 
 

@@ -16,12 +16,14 @@ from config import to_dict
 from launch.trainer.metrics import MetricsLogger, short_line
 from launch.trainer.recipe import Recipe
 from launch.trainer.resilience import Recovery
+from launch.trainer.rundir import claims_run_dirs
 from launch.trainer.setup import TrainingContext, build_context
 from launch.trainer.step import lr_at
 from moe.accounting import format_params, param_counts
 from moe.mfu_conventions import mfu_by_convention
 
 
+@claims_run_dirs  # writable dirs and one run at a time, checked before the model is built
 def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
         stop_after: Optional[int] = None) -> list[dict]:
     """Train according to `recipe` on this process; return the per-step metrics of this run.

@@ -72,16 +72,18 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and when checkpoints are written, and how a run resumes (see launch/CHECKPOINTS.md)."""
+    """Where and when checkpoints are written, and how a run resumes (see docs/CHECKPOINTS.md)."""
 
     dir: str = ""  # empty: <train.out_dir>/checkpoints
-    interval: int = 0  # save every N steps; 0: only at the end and on SIGTERM/SIGINT
+    interval: int = 500  # save every N steps; 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
     async_save: bool = False  # copy to host memory, then write in a background thread
     save_at_end: bool = True
     resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; never; or a checkpoint path
     fallback_to_previous: bool = True  # a corrupt newest checkpoint falls back to the one before it
-    verify: Literal["checksum", "size"] = "checksum"  # what loading checks against the manifest
+    # What loading checks against the manifest. size: sha256 waits until the first save, which
+    # refuses to publish (or prune) anything if the checkpoint it resumed from fails it.
+    verify: Literal["checksum", "size"] = "checksum"
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
