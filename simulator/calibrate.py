@@ -37,6 +37,7 @@ import yaml
 from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
 from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, CalibrationError, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
+from config import ConfigError
 from simulator.machine import this_machine
 from simulator.probe import SpeedProbe
 
@@ -372,6 +373,7 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))
+    prof.error_bands, prof.error_band_cases = _previous_bands(out, log)
     prof.validate("hardware")
     prof.work_correction, prof.overhead_correction = measure_corrections(prof, log)
     log(f"  corrections: proportional costs x{prof.work_correction:.2f}, fixed costs x{prof.overhead_correction:.2f}")
@@ -379,6 +381,19 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     write_profile(prof, out, samples, coll)
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return prof
+
+
+def _previous_bands(out, log) -> tuple[dict, int]:
+    """The error bands of the profile being replaced: they describe the cost model on this machine
+    kind, which a recalibration does not change; the next `validate` re-measures them."""
+    try:
+        from simulator.hardware import load_hardware
+        old = load_hardware(out)
+    except (ConfigError, OSError):
+        return {}, 0
+    if old.error_bands:
+        log(f"  error bands kept from the previous profile ({old.error_band_cases} cases) until the next validate")
+    return dict(old.error_bands), old.error_band_cases
 
 
 def _physical_memory_gb() -> float:

@@ -98,7 +98,8 @@ def cmd_search(args) -> int:
         return 0
     sim = Simulator(r.model, hw, r.num_devices, r.options)
     cpu0 = time.process_time()
-    res = search_layouts(sim, lspace, rerank=args.rerank, progress=not args.no_progress)
+    res = search_layouts(sim, lspace, rerank=args.rerank, progress=not args.no_progress,
+                         pessimistic=args.rank_by == "pessimistic")
     cpu = time.process_time() - cpu0
     require_feasible(res, f"this model on {r.num_devices} x {hw.name}")
     best = [{**b.summary(), **{k: round(v, 3) for k, v in b.breakdown.items() if k != "total"}} for b in res.best]
@@ -125,6 +126,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_validate(args) -> int:
     from simulator.calibrate import calibrate
+    from simulator.bands import record_bands
     from simulator.validate import DEFAULT_CONFIG, run_validation, summarize
     hw = args.hardware
     if args.calibrate or not Path(hw).is_file():
@@ -136,6 +138,7 @@ def cmd_validate(args) -> int:
     print(table(rows, ["case", "world", "tp", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
                        "ep_imbalance", "machine_slowdown", "predicted_s", "measured_s", "error_pct",
                        "calibration_only_s", "calibration_only_error_pct", "fastest_s", "wall_s",
+                       "band_low_s", "band_high_s", "in_band",
                        "predicted_act_mb", "measured_act_mb", "act_error_pct", "note"]))
     s = summarize(rows)
     print(f"\n{s['measured']} of {s['cases']} cases measured: median |error| {s['median_abs_error_pct']:.1f}%, "
@@ -144,6 +147,14 @@ def cmd_validate(args) -> int:
           f"worst {s['calibration_only_max_abs_error_pct']:.1f}%; "
           f"activation memory median |error| "
           + (f"{s['median_abs_act_error_pct']:.1f}%" if s["median_abs_act_error_pct"] is not None else "n/a"))
+    if s["with_band"]:
+        print(f"{s['in_band']} of {s['with_band']} measured step times inside the error band from the "
+              f"profile's previous validation")
+    if not args.case and Path(hw).is_file():  # a partial run would narrow the bands to its cases
+        bands = record_bands(hw, rows)
+        if bands:
+            print(f"error bands recorded in {hw}: all cases {bands['all'][0]:+.1f}% to {bands['all'][1]:+.1f}%, "
+                  f"{len(bands) - 1} features")
     if args.out:
         write_json({"rows": rows, "summary": s, "hardware": hw}, args.out)
     return 0 if s["pass"] else 1
@@ -174,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/search", help="output directory (csv, json, pareto.png, timeline)")
     p.add_argument("--top", type=int, default=15, help="rows to print")
     p.add_argument("--rerank", type=int, default=20, help="best layouts re-costed on the event timeline")
+    p.add_argument("--rank-by", choices=("predicted", "pessimistic"), default="predicted",
+                   help="rank by the predicted step time or by the slow end of its error band")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_search)
 

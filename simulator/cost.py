@@ -19,6 +19,7 @@ from moe import accounting as acc
 from moe.config import ModelConfig
 from moe.mfu_conventions import CONVENTIONS, flops_per_token
 from simulator import comm as C
+from simulator.bands import band_for, layout_features, step_time_interval
 from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
@@ -54,6 +55,14 @@ class Estimate:
     peak_flops_per_s: float = 0.0  # the MFU denominator of one device
     critical_stage: int = 0  # the pipeline rank `breakdown` and `ops` describe: the busiest one
     stage_busy: list = field(default_factory=list)  # forward + backward + exposed comm s per pipeline rank
+    # from the profile's validation residuals (simulator/bands.py); None: the profile has none
+    error_band_pct: Optional[tuple] = None  # (lowest, highest) signed error of such predictions
+    step_time_band: Optional[tuple] = None  # (low, high) seconds the true step time lies in
+    unvalidated: list = field(default_factory=list)  # features of this layout no validation case ran
+
+    @property
+    def pessimistic_step_time(self) -> float:
+        return self.step_time_band[1] if self.step_time_band else self.step_time
 
     def summary(self) -> dict:
         return {"layout": self.layout.short(), "dp": self.derived.dp, "micro_batches": self.derived.micro_batches,
@@ -357,6 +366,13 @@ class Simulator:
                        mfu_by_convention={c: f * tok_s / (self.num_devices * self.peak)
                                           for c, f in self._convention_flops(lay.seq_len).items()},
                        tokens_per_s_per_device=tok_s / self.num_devices, peak_flops_per_s=self.peak)
+        band = band_for(layout_features(
+            tp=lay.tp, ep=d.ep, dp=d.dp, pp=p, vpp=v, cp=lay.cp, tp_extend_ep=lay.tp_extend_ep,
+            dispatcher=lay.dispatcher, zero1=lay.zero1, recompute=lay.recompute, swap=lay.swap,
+            optimizer_offload=lay.optimizer_offload), self.hw.error_bands)
+        if band is not None:
+            est.error_band_pct, est.unvalidated = band[:2], band[2]
+            est.step_time_band = step_time_interval(step, *band[:2])
         if timeline:
             # Attribute the step to the busiest stage, the one that bounds the pipeline: the rank
             # that finishes last is often a light one (the first stage waits for all backwards),

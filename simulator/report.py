@@ -39,7 +39,7 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
              f"{d.noop_layers} no-op layers)",
              f"step {est.step_time:.3f} s | {est.tokens_per_s:,.0f} tokens/s | MFU {100 * est.mfu:.1f}% (ultramoe convention) | "
              f"peak memory {est.peak_memory / GB:.1f} GiB of {usable_gb:.1f} usable -> "
-             f"{'fits' if est.fits else 'OUT OF MEMORY'}", *mfu_lines(est), "",
+             f"{'fits' if est.fits else 'OUT OF MEMORY'}", band_line(est), *mfu_lines(est), "",
              f"step-time breakdown (busiest pipeline stage, rank {est.critical_stage} of {lay.pp}):"]
     total = est.breakdown.get("total", est.step_time) or 1.0
     for k, v in est.breakdown.items():
@@ -57,6 +57,18 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
         for name, t in list(est.ops.items())[:10]:
             lines.append(f"  {name:<16} {t:9.3f} s")
     return "\n".join(lines)
+
+
+def band_line(est: Estimate) -> str:
+    """The interval the true step time lies in, from the profile's validation residuals."""
+    if est.step_time_band is None:
+        return f"error band: none (profile {est.hardware!r} has no validation residuals: `simulate validate` records them)"
+    lo, hi = est.step_time_band
+    out = (f"error band: true step time {lo:.4g}-{hi:.4g} s (predictions of this kind were "
+           f"{est.error_band_pct[0]:+.1f}% to {est.error_band_pct[1]:+.1f}% off in the profile's validation)")
+    if est.unvalidated:
+        out += f"; not covered by any validation case: {', '.join(est.unvalidated)}"
+    return out
 
 
 def mfu_lines(est: Estimate) -> list[str]:
@@ -77,6 +89,8 @@ def estimate_dict(est: Estimate) -> dict:
             "breakdown_s": est.breakdown, "memory_gb": {k: v / GB for k, v in est.memory.items()},
             "stage_memory_gb": [x / GB for x in est.stage_memory], "ops_s": est.ops,
             "critical_stage": est.critical_stage, "stage_busy_s": est.stage_busy,
+            "error_band_pct": est.error_band_pct, "step_time_band_s": est.step_time_band,
+            "unvalidated": est.unvalidated,
             "mfu_by_convention": est.mfu_by_convention, "mfu_peak_flops_per_s": est.peak_flops_per_s,
             "model_flops_per_token": est.model_flops_per_token}
 

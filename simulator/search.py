@@ -87,12 +87,16 @@ def _row(e: Estimate) -> dict:
             "tp_extend_ep": lay.tp_extend_ep, "sequence_parallel": lay.sequence_parallel, "cp": lay.cp, "dp": e.derived.dp, "zero1": lay.zero1,
             "micro_batch_size": lay.micro_batch_size, "recompute": lay.recompute, "swap": lay.swap,
             "optimizer_offload": lay.optimizer_offload, "dispatcher": lay.dispatcher,
-            "step_time_s": e.step_time, "tokens_per_s": e.tokens_per_s, "mfu": e.mfu,
-            "peak_memory_gb": e.peak_memory / GB, "fits": e.fits}
+            "step_time_s": e.step_time, "pessimistic_step_time_s": e.pessimistic_step_time,
+            "tokens_per_s": e.tokens_per_s, "mfu": e.mfu, "peak_memory_gb": e.peak_memory / GB, "fits": e.fits}
 
 
 def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progress: bool = False,
-                   keep_infeasible: bool = True, prune_memory: bool = True) -> SearchResult:
+                   keep_infeasible: bool = True, prune_memory: bool = True,
+                   pessimistic: bool = False) -> SearchResult:
+    """Cost every layout of `space` (closed form), re-cost the best `rerank` on the timeline.
+    `pessimistic`: rank by the slow end of each estimate's error band (simulator/bands.py), so a
+    layout whose features the validation found under-predicted ranks lower."""
     cfg, n_dev = sim.model, sim.num_devices
     space.validate("space")
     usable = sim.hw.usable_memory_bytes
@@ -142,12 +146,13 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
                 if e.fits:
                     feasible += 1
                 if e.fits or keep_infeasible:
-                    rows.append((-e.tokens_per_s if e.fits else float("inf"), e))
+                    speed = -e.tokens_per_s * (e.step_time / e.pessimistic_step_time if pessimistic else 1.0)
+                    rows.append((speed if e.fits else float("inf"), e))
     if bar is not None:
         bar.close()
     rows.sort(key=lambda t: t[0])
     best = [sim.estimate(e.layout) for _, e in rows[:rerank] if e.fits]
-    best.sort(key=lambda e: (not e.fits, e.step_time))
+    best.sort(key=lambda e: (not e.fits, e.pessimistic_step_time if pessimistic else e.step_time))
     seconds = time.perf_counter() - start
     return SearchResult([_row(e) for _, e in rows], best, enumerated, evaluated, feasible, seconds)
 

@@ -35,6 +35,7 @@ from config import ConfigError, from_dict, load_yaml
 from moe.config import ModelConfig
 from simulator.cost import SimOptions, Simulator
 from simulator.hardware import HardwareProfile, load_hardware
+from simulator.bands import layout_features
 from simulator.machine import profile_mismatch, quick_probe
 from parallel.config import ParallelConfig
 from simulator.layout import Layout
@@ -133,7 +134,16 @@ def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float =
     T = c.micro_batch_size * c.seq_len
     saved = est.memory["activations"]
     return {"step_time_s": est.step_time, "activation_bytes": saved, "tokens": T,
-            "compute_s": est.breakdown["compute"], "optimizer_s": est.breakdown["optimizer"]}
+            "compute_s": est.breakdown["compute"], "optimizer_s": est.breakdown["optimizer"],
+            "step_time_band_s": est.step_time_band}
+
+
+def case_features(c: Case) -> list[str]:
+    """What the case exercises, in the terms of the error bands (simulator/bands.py)."""
+    par = c.parallel
+    return sorted(layout_features(tp=par.tp, ep=par.expert_parallel, dp=par.data_parallel(c.world), pp=par.pp,
+                                  cp=par.cp, tp_extend_ep=par.tp_extend_ep,
+                                  dispatcher=par.dispatcher, zero1=par.zero1))
 
 
 def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
@@ -252,7 +262,7 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
         row = {"case": c.name, "world": c.world, "tp": c.parallel.tp, "ep": c.parallel.expert_parallel,
                "dispatcher": c.parallel.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
-               "ep_imbalance": imb}
+               "ep_imbalance": imb, "features": case_features(c)}
         if "error" in meas:
             row.update(machine_slowdown=None, predicted_s=raw["step_time_s"], measured_s=None,
                        error_pct=None, calibration_only_s=raw["step_time_s"], calibration_only_error_pct=None,
@@ -266,6 +276,9 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
                        calibration_only_s=raw["step_time_s"],
                        calibration_only_error_pct=100 * (raw["step_time_s"] - m) / m,
                        fastest_s=meas["fastest_s"], wall_s=meas["wall_s"], note="")
+            band = pred["step_time_band_s"]  # from the profile's previous validation, if any
+            row.update(band_low_s=band[0] if band else None, band_high_s=band[1] if band else None,
+                       in_band=(band[0] <= m <= band[1]) if band else None)
         act = measure_activations(cfg.model, c)
         row["predicted_act_mb"] = raw["activation_bytes"] / 2**20
         row["measured_act_mb"] = act / 2**20 if act is not None else None
@@ -288,7 +301,9 @@ def summarize(rows: list[dict]) -> dict:
     errs = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
     raw = [abs(r["calibration_only_error_pct"]) for r in rows if r["calibration_only_error_pct"] is not None]
     acts = [abs(r["act_error_pct"]) for r in rows if r["act_error_pct"] is not None]
+    banded = [r["in_band"] for r in rows if r.get("in_band") is not None]
     return {"cases": len(rows), "measured": len(errs),
+            "in_band": sum(banded), "with_band": len(banded),
             "median_abs_error_pct": statistics.median(errs) if errs else None,
             "max_abs_error_pct": max(errs) if errs else None,
             "calibration_only_median_abs_error_pct": statistics.median(raw) if raw else None,

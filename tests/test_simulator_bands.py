@@ -1,0 +1,77 @@
+"""Error bands from validation residuals (simulator/bands.py): hand-computed intervals, the record
+written into a profile, estimates that carry them, and a search ranked by their slow end."""
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from config import from_dict
+from moe.config import ModelConfig
+from simulator.bands import band_for, layout_features, record_bands, residual_bands, step_time_interval
+from simulator.cost import Simulator
+from simulator.hardware import load_hardware
+from simulator.search import search_layouts
+from tests.test_simulator_search import SMALL, small_hw, small_space
+
+ROWS = [  # signed errors (predicted - measured) / measured, in percent
+    {"case": "one", "error_pct": 4.0, "features": []},
+    {"case": "tp2", "error_pct": 12.0, "features": ["tp"]},
+    {"case": "ep2", "error_pct": -8.0, "features": ["ep", "alltoall"]},
+    {"case": "ep2-hier", "error_pct": -14.0, "features": ["ep", "hierarchical"]},
+    {"case": "broken", "error_pct": None, "features": ["pp"]},  # not measured: no band
+]
+
+
+def test_bands_are_the_extreme_residuals_per_feature():
+    b = residual_bands(ROWS)
+    assert b == {"all": [-14.0, 12.0], "tp": [12.0, 12.0], "ep": [-14.0, -8.0], "alltoall": [-8.0, -8.0],
+                 "hierarchical": [-14.0, -14.0]}
+    # a layout's band: the widest ends over "all" and its features; unvalidated features named
+    assert band_for({"ep", "alltoall", "cp"}, b) == (-14.0, 12.0, ["cp"])
+    assert band_for(set(), {}) is None
+    # an error within [-14, +12] % puts the true time in [pred / 1.12, pred / 0.86]
+    lo, hi = step_time_interval(1.0, -14.0, 12.0)
+    assert lo == pytest.approx(1 / 1.12) and hi == pytest.approx(1 / 0.86)
+
+
+def test_layout_features():
+    assert layout_features() == set()
+    assert layout_features(tp=2, ep=2, dp=2, tp_extend_ep=True, dispatcher="hierarchical", zero1=True) == \
+        {"tp", "ep", "dp", "tp_extend_ep", "hierarchical", "zero1"}
+    assert layout_features(ep=1, dispatcher="alltoall") == set()  # no exchange without EP
+
+
+def test_bands_are_recorded_into_the_profile_and_replace_the_old_ones(tmp_path):
+    src = Path(__file__).parents[1] / "configs/hardware/cpu_calibrated.yaml"
+    p = tmp_path / "prof.yaml"
+    shutil.copy(src, p)
+    record_bands(p, ROWS)
+    record_bands(p, ROWS[:2])  # a second validation replaces the bands, never appends to them
+    prof = load_hardware(p)
+    assert prof.error_bands == {"all": [4.0, 12.0], "tp": [12.0, 12.0]} and prof.error_band_cases == 2
+    text = p.read_text()
+    assert text.count("error_bands:") == 1 and text.startswith("# Written by `python -m simulator calibrate`")
+    assert replace(prof, error_bands={}, error_band_cases=0) == load_hardware(src)  # nothing else changed
+
+
+def test_estimates_carry_the_band_and_search_can_rank_by_its_slow_end():
+    cfg = from_dict(ModelConfig, SMALL)
+    plain = small_hw(memory_gb=1.0)
+    # expert parallelism measured twice as slow as predicted (-50 %), everything else exact
+    banded = replace(plain, error_bands={"all": [-50.0, 0.0], "ep": [-50.0, -50.0], "tp": [0.0, 0.0]})
+    sim = Simulator(cfg, banded, 16)
+    space = small_space(pp=[1], vpp=[1], cp=[1])
+    best = search_layouts(Simulator(cfg, plain, 16), space, rerank=5).best[0]
+    est = sim.estimate(best.layout)
+    assert est.error_band_pct == (-50.0, 0.0) and est.step_time_band == pytest.approx((est.step_time, 2 * est.step_time))
+    assert Simulator(cfg, plain, 16).estimate(best.layout).step_time_band is None
+    # "all" already spans -50 %: every layout gets the same relative band, so the order is unchanged
+    same = search_layouts(sim, space, rerank=5, pessimistic=True).best
+    assert same[0].layout == best.layout
+    # only ep under-predicted: pessimistic ranking prefers layouts without expert parallelism
+    ep_only = Simulator(cfg, replace(plain, error_bands={"all": [0.0, 0.0], "ep": [-50.0, -50.0]}), 16)
+    optimistic = search_layouts(ep_only, space, rerank=5).best[0]
+    pessimistic = search_layouts(ep_only, space, rerank=5, pessimistic=True).best[0]
+    assert optimistic.derived.ep > 1 and pessimistic.derived.ep == 1
+    assert pessimistic.pessimistic_step_time < optimistic.pessimistic_step_time
