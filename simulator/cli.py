@@ -25,7 +25,7 @@ from simulator.hardware import CalibrationError, load_hardware
 from simulator.machine import profile_mismatch, quick_probe
 from simulator.recipe import SimRecipe, sim_recipe_from_dict
 from simulator.report import (describe, estimate_dict, model_line, pareto_front, pareto_plot, table, write_csv,
-                              write_json)
+                              write_json, write_validation_report)
 from simulator.search import LayoutSpace, ModelSpace, require_feasible, search_layouts, search_models
 
 GB = 2**30
@@ -156,7 +156,7 @@ def cmd_validate(args) -> int:
             print(f"error bands recorded in {hw}: all cases {bands['all'][0]:+.1f}% to {bands['all'][1]:+.1f}%, "
                   f"{len(bands) - 1} features")
     if args.out:
-        write_json({"rows": rows, "summary": s, "hardware": hw}, args.out)
+        print("report: " + ", ".join(str(x) for x in write_validation_report(rows, s, str(hw), args.out)))
     return 0 if s["pass"] else 1
 
 
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="validation cases YAML (default configs/simulator/validate_cpu.yaml)")
     p.add_argument("--case", nargs="*", help="run only these cases")
     p.add_argument("--workdir", help="where the runs go (default: a temporary directory)")
-    p.add_argument("--out", help="write the table and summary as JSON")
+    p.add_argument("--out", help="report directory: validation.json, .md (a table per case) and .png "
+                                 "(predicted vs measured); or a .json path, the others beside it")
     p.set_defaults(fn=cmd_validate)
     return ap
 

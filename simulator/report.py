@@ -157,3 +157,84 @@ def pareto_plot(rows: list[dict], path: str | Path, memory_limit_gb: float, titl
 def model_line(cfg) -> str:
     pc = acc.param_counts(cfg)
     return f"{acc.format_params(pc.total)} total / {acc.format_params(pc.activated)} activated parameters"
+
+
+def _layout_of_row(r: dict) -> str:
+    parts = [f"world {r['world']}"]
+    parts += [f"{k} {r[k]}" for k in ("tp", "ep") if r.get(k, 1) > 1]
+    if r.get("ep", 1) > 1:
+        parts.append(r["dispatcher"])
+    parts.append(f"{r['micro_batch_size']}x{r['seq_len']} tokens" + (f" x{r['grad_accum']}" if r["grad_accum"] > 1 else ""))
+    return ", ".join(parts)
+
+
+def validation_markdown(rows: list[dict], summary: dict, hardware: str) -> str:
+    """The validation as a cluster owner reads it: one row per case (layout, predicted, measured,
+    error, the band from the profile's previous validation), then the summary."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    out = [f"# Simulator validation on {hardware}", "",
+           "| case | layout | features | predicted s | measured s | error | calibration alone | band s | in band |",
+           "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        band = (f"{r['band_low_s']:.4f}-{r['band_high_s']:.4f}" if r.get("band_low_s") is not None else "none")
+        inside = {True: "yes", False: "**no**", None: "-"}[r.get("in_band")]
+        out.append(f"| {r['case']} | {_layout_of_row(r)} | {', '.join(r.get('features', [])) or '-'} | "
+                   f"{num(r['predicted_s'], '.4f')} | {num(r['measured_s'], '.4f')} | {num(r['error_pct'], '+.1f')}% | "
+                   f"{num(r['calibration_only_error_pct'], '+.1f')}% | {band} | {inside} |"
+                   + (f" {r['note']}" if r.get("note") else ""))
+    s = summary
+    out += ["", f"{s['measured']} of {s['cases']} cases measured: median |error| "
+            f"{num(s['median_abs_error_pct'], '.1f')}%, worst {num(s['max_abs_error_pct'], '.1f')}% "
+            f"(target 15 % / 30 %: {'PASS' if s['pass'] else 'FAIL'}); calibration alone median "
+            f"{num(s['calibration_only_median_abs_error_pct'], '.1f')}%, worst "
+            f"{num(s['calibration_only_max_abs_error_pct'], '.1f')}%."]
+    if s.get("with_band"):
+        out.append(f"{s['in_band']} of {s['with_band']} measured step times inside the previous validation's band.")
+    return "\n".join(out) + "\n"
+
+
+def validation_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Predicted vs measured step time, one point per measured case, the diagonal and +-15 %."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [r for r in rows if r.get("measured_s")]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if pts:
+        lo = min(min(r["measured_s"], r["predicted_s"]) for r in pts) * 0.8
+        hi = max(max(r["measured_s"], r["predicted_s"]) for r in pts) * 1.2
+        ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
+        ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="0.9", label="+-15 %")
+        for r in pts:
+            if r.get("band_low_s") is not None:
+                ax.plot([r["measured_s"]] * 2, [r["band_low_s"], r["band_high_s"]], c="tab:orange", lw=2, alpha=0.5)
+        ax.scatter([r["measured_s"] for r in pts], [r["predicted_s"] for r in pts], c="tab:blue", zorder=3,
+                   label="cases")
+        for r in pts:
+            ax.annotate(r["case"], (r["measured_s"], r["predicted_s"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("measured step time (s)")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title(title or "simulate validate: predicted vs measured")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def write_validation_report(rows: list[dict], summary: dict, hardware: str, out: str | Path) -> list[Path]:
+    """`validate --out`: DIR/validation.{json,md,png}; a path ending in .json names the JSON file
+    and puts the other two beside it with the same stem."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix == ".json" else out / "validation"
+    paths = [write_json({"rows": rows, "summary": summary, "hardware": hardware}, base.with_suffix(".json"))]
+    md = base.with_suffix(".md")
+    md.write_text(validation_markdown(rows, summary, hardware))
+    paths += [md, validation_plot(rows, base.with_suffix(".png"), f"simulate validate on {hardware}")]
+    return paths

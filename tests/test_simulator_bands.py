@@ -75,3 +75,25 @@ def test_estimates_carry_the_band_and_search_can_rank_by_its_slow_end():
     pessimistic = search_layouts(ep_only, space, rerank=5, pessimistic=True).best[0]
     assert optimistic.derived.ep > 1 and pessimistic.derived.ep == 1
     assert pessimistic.pessimistic_step_time < optimistic.pessimistic_step_time
+
+
+def test_validation_report_has_a_table_per_case_and_a_scatter_plot(tmp_path):
+    from simulator.report import write_validation_report
+    from simulator.validate import summarize
+    rows = [dict(case="one", world=1, tp=1, ep=1, dispatcher="local", micro_batch_size=4, seq_len=128,
+                 grad_accum=1, features=[], predicted_s=0.11, measured_s=0.10, error_pct=10.0,
+                 calibration_only_error_pct=12.0, band_low_s=0.09, band_high_s=0.12, in_band=True, note="",
+                 calibration_only_s=0.112, act_error_pct=None),
+            dict(case="ep2", world=2, tp=1, ep=2, dispatcher="alltoall", micro_batch_size=4, seq_len=128,
+                 grad_accum=2, features=["ep", "alltoall"], predicted_s=0.2, measured_s=0.25, error_pct=-20.0,
+                 calibration_only_error_pct=-18.0, band_low_s=0.19, band_high_s=0.22, in_band=False, note="",
+                 calibration_only_s=0.205, act_error_pct=None)]
+    paths = write_validation_report(rows, summarize(rows), "cpu_calibrated", tmp_path / "rep")
+    assert [p.name for p in paths] == ["validation.json", "validation.md", "validation.png"]
+    md = paths[1].read_text()
+    assert "| ep2 | world 2, ep 2, alltoall, 4x128 tokens x2 | ep, alltoall | 0.2000 | 0.2500 | -20.0% |" in md
+    assert "| 0.1900-0.2200 | **no** |" in md and "1 of 2 measured step times inside" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a .json path keeps its name, the other two beside it
+    named = write_validation_report(rows, summarize(rows), "cpu_calibrated", tmp_path / "v" / "val.json")
+    assert [p.name for p in named] == ["val.json", "val.md", "val.png"]
