@@ -77,8 +77,8 @@ def test_shipped_configs_load():
 
 
 def test_overrides_apply_and_are_validated():
-    r = load_recipe(ROOT / "configs/recipes/tiny_cpu.yaml", {"train.steps": 3, "model.top_k": 1})
-    assert r.train.steps == 3 and r.model.top_k == 1
+    r = load_recipe(ROOT / "configs/recipes/tiny_cpu.yaml", {"train.steps": 30, "model.top_k": 1})
+    assert r.train.steps == 30 and r.model.top_k == 1  # (steps must cover the recipe's 15 warm-up steps)
     with pytest.raises(ConfigError, match="train.stepz: unknown field"):
         load_recipe(ROOT / "configs/recipes/tiny_cpu.yaml", {"train.stepz": 3})
 

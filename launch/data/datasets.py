@@ -13,7 +13,8 @@ Tested with megatron-core 0.16.1 on CPU (torch.distributed initialised or not). 
   directory; we always pass `path_to_cache` (default `<dataset dir>/index-cache`).
 * A split with no tokens (e.g. 2 % of 10 documents is 0 documents) makes GPTDataset loop forever
   counting epochs, even when 0 samples are requested from it; we check every requested split first
-  and raise a clear error, and do not build a valid split when no valid samples are requested.
+  (`indexed.check_split`) and raise a clear error, and do not build a valid split when no valid
+  samples are requested.
 * Without torch.distributed every process builds and writes the index cache itself, with plain
   non-atomic `numpy.save`; we serialise that with a file lock so concurrent processes (parallel
   tests, several launches on one box) never read half-written caches. With torch.distributed
@@ -21,6 +22,11 @@ Tested with megatron-core 0.16.1 on CPU (torch.distributed initialised or not). 
   call it on every rank.
 * Importing megatron.core takes about 5 s (its __init__ imports most of Megatron); it is done
   lazily, with its Apex/Transformer-Engine fallback warnings silenced.
+* Megatron loads its index cache with `numpy.load(allow_pickle=True)`, so a pickle planted in the
+  cache directory would run code at start-up. Its dataset modules get a `numpy` whose `load` never
+  unpickles (`_NoPickleNumpy`); real caches are plain integer arrays and load unchanged.
+* The .idx/.bin pair and the split are checked first by `launch.data.indexed` (a short .bin would
+  otherwise train silently on whatever Megatron maps).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from launch.data.indexed import DataError, check_split, read_index
 from launch.data.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
@@ -71,15 +78,45 @@ def file_lock(path: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+class _NoPickleNumpy:
+    """numpy as Megatron's dataset modules see it, except that `load` never unpickles and returns
+    only integer arrays: anything else in the index cache is refused, naming the file."""
+
+    def __init__(self, numpy_module) -> None:
+        self._numpy = numpy_module
+
+    def __getattr__(self, name: str):
+        return getattr(self._numpy, name)
+
+    def load(self, file, *args, **kwargs):
+        kwargs["allow_pickle"] = False
+        try:
+            array = self._numpy.load(file, *args, **kwargs)
+        except ValueError as err:  # numpy refuses pickled/object data; a short file cannot be mapped
+            array, why = None, "it holds pickled data" if "pickle" in str(err) else str(err)
+        else:
+            why = "it is not an integer array"
+        if not isinstance(array, self._numpy.ndarray) or array.dtype.kind not in "iu":
+            raise DataError(f"{file}: not a plain numpy index array ({why}); refused unread, since "
+                            "unpickling can run code: delete it (the index cache is rebuilt) and check "
+                            "who can write to data.cache_dir")
+        return array
+
+
 def _import_megatron_gpt():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from megatron.core.datasets import blended_dataset, gpt_dataset
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    return BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig, IndexedDataset
+    # Installed once and for good (not around each build): concurrent builds can never restore
+    # the unsafe loader under each other.
+    for module in (gpt_dataset, blended_dataset):
+        if not isinstance(module.numpy, _NoPickleNumpy):
+            module.numpy = _NoPickleNumpy(module.numpy)
+    return BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
 
 
 def _distributed() -> bool:
@@ -110,7 +147,8 @@ def build_datasets(
 
     Each sample is a dict of torch tensors: tokens and labels (LongTensor[seq_len], labels are the
     tokens shifted left by one), loss_mask (float; with eod_mask_loss Megatron zeroes it where the
-    *input* token is EOD, i.e. the guess of the next document's first token) and position_ids. Raises FileNotFoundError / ValueError with a clear message on bad arguments.
+    *input* token is EOD, i.e. the guess of the next document's first token) and position_ids.
+    Raises FileNotFoundError, or DataError (a ValueError) naming the file or setting.
     """
     unknown = set(num_samples) - {"train", "valid"}
     if unknown or "train" not in num_samples:
@@ -135,11 +173,16 @@ def build_datasets(
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the dataset index cache {cache_dir} ({err}); pass cache_dir=") from err
+        raise DataError(f"cannot create the dataset index cache {cache_dir} ({err}); pass cache_dir=") from err
     if not os.access(cache_dir, os.W_OK):
-        raise ValueError(f"the dataset index cache {cache_dir} is not writable; pass cache_dir=")
+        raise DataError(f"the dataset index cache {cache_dir} is not writable; pass cache_dir=")
+    info = read_index(prefix)
+    try:
+        check_split(info.lengths, split, need_valid=n_valid > 0, where=prefix)
+    except DataError as err:
+        raise DataError(f"split {err}") from None
 
-    Builder, GPTDataset, GPTDatasetConfig, IndexedDataset = _import_megatron_gpt()
+    Builder, GPTDataset, GPTDatasetConfig = _import_megatron_gpt()
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
@@ -158,29 +201,11 @@ def build_datasets(
         # samples but also zero tokens loops forever; dropping the bookend skips it. (split_matrix
         # is hashed into the train cache name, so this only costs one cache miss.)
         config.split_matrix = [config.split_matrix[0], None, None]
-    _check_splits(IndexedDataset(prefix), config.split_matrix, (n_train, n_valid), prefix, split)
     builder = Builder(GPTDataset, [n_train, n_valid, None], is_built_on_rank or (lambda: True), config)
     lock = contextlib.nullcontext() if _distributed() else file_lock(os.path.join(cache_dir, ".lock"))
     with lock:
         train, valid, _ = builder.build()
     return Datasets(train, valid if n_valid > 0 else None)
-
-
-def _check_splits(indexed, split_matrix, sizes, prefix: str, split: str) -> None:
-    lengths = indexed.sequence_lengths
-    for name, bounds, size in zip(("train", "valid"), split_matrix, sizes):
-        if size == 0:
-            continue
-        if bounds is None:
-            raise ValueError(f"{size} {name} samples requested but split {split!r} gives {name} no weight")
-        # The same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
-        beg = int(round(bounds[0] * float(len(lengths))))
-        end = int(round(bounds[1] * float(len(lengths))))
-        if end <= beg or int(lengths[beg:end].sum()) == 0:
-            raise ValueError(
-                f"{prefix}: the {name} split gets no tokens ({len(lengths)} documents, split "
-                f"{split!r} gives it documents [{beg}, {end})); use more documents or change split"
-            )
 
 
 def ensure_embedded_dataset(

@@ -31,19 +31,22 @@ class TrainConfig:
     kernels: Literal["auto", "reference", "fast"] = "auto"
     log_interval: int = 1
     eval_interval: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # batches of every evaluation (one always runs at the end)
     out_dir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
-        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_interval"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "eval_batches"):
+        for name in ("warmup_steps", "eval_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{p}{name}: must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps > self.steps:  # the learning rate would never reach lr
+            raise ConfigError(f"{p}warmup_steps: {self.warmup_steps} exceeds steps={self.steps}; "
+                              "lower warmup_steps or raise steps")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"{p}min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -58,8 +61,14 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     cache_dir: str = "data"  # where the embedded corpus and dataset index caches go
     embedded_docs: int = 4000
+    split: str = "98,2,0"  # Megatron's document split weights train,valid,test (test is never read)
 
     def validate(self, path: str = "") -> None:
+        from launch.data.indexed import DataError, parse_split
+        try:
+            parse_split(self.split)
+        except DataError as err:
+            raise ConfigError(f"{path}.split: {err}") from None
         if self.path != "embedded":
             prefix = Path(self.path)
             missing = [s for s in (".bin", ".idx") if not prefix.with_name(prefix.name + s).is_file()]

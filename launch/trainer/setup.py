@@ -18,6 +18,7 @@ import torch
 
 from config import ConfigError
 from launch.trainer.distributed import init_distributed
+from launch.trainer.preflight import preflight
 from launch.trainer.recipe import Recipe, TrainConfig
 from launch.trainer.step import LOSS_KEYS, evaluate, lr_at, seed_everything, train_step
 from moe.accounting import model_flops_per_token
@@ -57,7 +58,7 @@ def build_data(recipe: Recipe, rank: int = 0, world: int = 1, start_sample: int 
     samples_per_step = t.micro_batch_size * t.grad_accum * world
     train_ds, valid_ds = build_datasets(
         prefix, t.seq_len, {"train": samples_per_step * t.steps, "valid": t.micro_batch_size * t.eval_batches * world},
-        seed=t.seed, tokenizer=tokenizer, cache_dir=d.cache_dir)
+        seed=t.seed, tokenizer=tokenizer, cache_dir=d.cache_dir, split=d.split)
     train_it = BatchIterator(train_ds, t.micro_batch_size, start_sample=start_sample, rank=rank, world=world)
     return train_it, (lambda: BatchIterator(valid_ds, t.micro_batch_size, rank=rank, world=world))
 
@@ -113,6 +114,7 @@ def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -
     runtime shards it; each data-parallel rank reads its slice of the global batch. `log` is kept
     on rank 0 only. Without `measure_peak` the (on CPU, timed) device peak is not measured."""
     t = recipe.train
+    preflight(recipe)  # device, tokenizer and data files: before any process group or model
     runtime = init_distributed(recipe)  # validates the parallel layout before any process group
     device = resolve_device_type(t.device)
     peak = (device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32) if measure_peak
