@@ -3,6 +3,10 @@ output head, and DeepSeek-V3-style multi-token-prediction (MTP) modules, with th
 
 `noop_layers` (identity layers that pad the depth for pipeline balance) add no modules here: on one
 device an identity layer is nothing; the pipeline wrapper accounts for them.
+
+The forward is three pieces (`embed_tokens`, `run_layers`, `output_losses`) so that a pipeline stage
+(parallel/pipeline.py), which holds some of these modules under the same names, runs exactly the
+code of the single-process model.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch import nn
 
 from moe.block import TransformerBlock
 from moe.config import ModelConfig
-from moe.init import init_weights
+from moe.init import draw_init_seed, init_weights
 from moe.layer import MoELayer
 from moe.layers import RMSNorm
 
@@ -48,20 +52,11 @@ class ModelOutput:
     extras: dict = field(default_factory=dict)
 
 
-class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernels=None):
-        super().__init__()
-        if kernels is None:
-            from kernels import get_kernels
-            kernels = get_kernels("auto")
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            TransformerBlock(cfg, moe=i >= cfg.first_k_dense, kernels=kernels) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, kernels) for _ in range(cfg.mtp_layers))
-        init_weights(self, cfg)
+class ModelParts:
+    """What the whole model and a pipeline stage share: they hold `embed`, `layers`, `norm`, `head`
+    and `mtp` (a stage only some of them, the others None) under the full model's names."""
+
+    cfg: ModelConfig
 
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.head is None else self.head.weight
@@ -70,16 +65,24 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def forward(self, tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
-                loss_mask_BS: Optional[torch.Tensor] = None, return_logits: bool = False) -> ModelOutput:
-        emb_BSD = self.embed(tokens_BS)
-        h = emb_BSD
-        aux_losses, z_losses = [], []
-        for layer in self.layers:
+    def embed_tokens(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens_BS)
+
+    @staticmethod
+    def run_layers(layers, h: torch.Tensor, aux_losses: list, z_losses: list) -> torch.Tensor:
+        """Blocks in order; each MoE block's balance and z-losses are appended to the lists."""
+        for layer in layers:
             h, aux = layer(h)
             if aux:
                 aux_losses.append(aux["aux_loss"])
                 z_losses.append(aux["z_loss"])
+        return h
+
+    def output_losses(self, h: torch.Tensor, emb_BSD: torch.Tensor, tokens_BS: torch.Tensor,
+                      labels_BS: Optional[torch.Tensor], loss_mask_BS: Optional[torch.Tensor],
+                      aux_losses: list, z_losses: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final norm, head, LM loss and the MTP modules (their MoE losses appended to the lists):
+        (logits, lm_loss, mtp_loss)."""
         logits = self.logits(self.norm(h))
         zero = logits.new_zeros((), dtype=torch.float32)
         lm_loss = mtp_loss = zero
@@ -98,10 +101,7 @@ class MoETransformer(nn.Module):
                 mtp_losses.append(_cross_entropy(self.logits(module.norm(h)), labels_BS[:, depth:], mask))
             if mtp_losses:
                 mtp_loss = torch.stack(mtp_losses).mean()
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
-        z_loss = torch.stack(z_losses).sum() if z_losses else zero
-        loss = lm_loss + self.cfg.mtp_loss_weight * mtp_loss + aux_loss + z_loss
-        return ModelOutput(loss, lm_loss, aux_loss, z_loss, mtp_loss, logits if return_logits else None)
+        return logits, lm_loss, mtp_loss
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
@@ -112,6 +112,36 @@ class MoETransformer(nn.Module):
         """Drop every router's counts since the last bias update (after a skipped step)."""
         for layer in self.moe_layers():
             layer.router.discard_pending_load()
+
+
+class MoETransformer(ModelParts, nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels=None):
+        super().__init__()
+        seed = draw_init_seed()  # first, so the global generator's state alone decides the weights
+        if kernels is None:
+            from kernels import get_kernels
+            kernels = get_kernels("auto")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg, moe=i >= cfg.first_k_dense, kernels=kernels) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, kernels) for _ in range(cfg.mtp_layers))
+        init_weights(self, cfg, seed)
+
+    def forward(self, tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
+                loss_mask_BS: Optional[torch.Tensor] = None, return_logits: bool = False) -> ModelOutput:
+        emb_BSD = self.embed_tokens(tokens_BS)
+        aux_losses, z_losses = [], []
+        h = self.run_layers(self.layers, emb_BSD, aux_losses, z_losses)
+        logits, lm_loss, mtp_loss = self.output_losses(h, emb_BSD, tokens_BS, labels_BS, loss_mask_BS,
+                                                       aux_losses, z_losses)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
+        z_loss = torch.stack(z_losses).sum() if z_losses else zero
+        loss = lm_loss + self.cfg.mtp_loss_weight * mtp_loss + aux_loss + z_loss
+        return ModelOutput(loss, lm_loss, aux_loss, z_loss, mtp_loss, logits if return_logits else None)
 
 
 def _cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,

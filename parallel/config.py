@@ -8,7 +8,9 @@ simulator varies today (virtual stages, batch, recomputation and swap policy).
 against a world size and a model shape. Both the trainer (before any process group is created) and
 the simulator (for every layout it costs) call `check_world`, so a layout one accepts the other
 accepts, and a bad one is the same `ConfigError` naming the field to change. `check_runtime_support`
-names the fields the training runtime cannot run yet.
+names the fields the training runtime cannot run yet. `check_pipeline` holds the pipeline rules that
+need the model depth and the number of micro-batches (the trainer's `train.grad_accum`); the
+simulator pads layers and checks its own batch, so it keeps those rules in simulator/layout.py.
 """
 from __future__ import annotations
 
@@ -42,12 +44,24 @@ class ParallelConfig:
     devices_per_node: int = 8  # node structure for the hierarchical all-to-all; a setting on CPU
     zero1: bool = False  # shard optimizer states over data-parallel ranks
     overlap: bool = True  # run the shared expert while the dispatch communication is in flight
+    vpp: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
+    # real layers of each virtual stage (index chunk * pp + rank, pp * vpp entries, summing to
+    # model.num_layers); None: equal stages, model.noop_layers padding the depth
+    pp_stage_layers: Optional[list[int]] = None
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
-        for name in ("tp", "pp", "ep", "cp"):
+        for name in ("tp", "pp", "ep", "cp", "vpp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(f"{p}vpp: interleaved stages need pp > 1; set vpp: 1 or raise pp")
+        if self.pp_stage_layers is not None:
+            if len(self.pp_stage_layers) != self.pp * self.vpp:
+                raise ConfigError(f"{p}pp_stage_layers: needs one layer count per virtual stage, pp*vpp = "
+                                  f"{self.pp}*{self.vpp} = {self.pp * self.vpp}, got {len(self.pp_stage_layers)}")
+            if min(self.pp_stage_layers) < 0:
+                raise ConfigError(f"{p}pp_stage_layers: layer counts must be >= 0, got {self.pp_stage_layers}")
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"{p}devices_per_node: must be >= 1, got {self.devices_per_node}")
         if self.etp is not None and self.etp < 1:
@@ -139,13 +153,43 @@ class ParallelConfig:
                                   f"{_divisors(n)}{alternative}")
 
 
+def check_pipeline(cfg: ParallelConfig, model: "ModelConfig", micro_batches: Optional[int] = None,
+                   path: str = "parallel") -> None:
+    """The pipeline rules that need the model's depth and the micro-batches per step: the layers
+    split into pp*vpp virtual stages as asked, and the schedule has enough micro-batches."""
+    p = f"{path}." if path else ""
+    chunks = cfg.pp * cfg.vpp
+    if cfg.pp_stage_layers is not None:
+        if cfg.pp == 1:
+            raise ConfigError(f"{p}pp_stage_layers: only means something with pp > 1; remove it or raise pp")
+        if sum(cfg.pp_stage_layers) != model.num_layers:
+            raise ConfigError(f"{p}pp_stage_layers: {cfg.pp_stage_layers} sum to {sum(cfg.pp_stage_layers)} layers, "
+                              f"model.num_layers is {model.num_layers}; list every layer once")
+        if model.noop_layers:
+            raise ConfigError(f"{p}pp_stage_layers: give either explicit stage sizes or model.noop_layers "
+                              f"padding ({model.noop_layers}), not both; set model.noop_layers: 0")
+    elif cfg.pp > 1:
+        total = model.num_layers + model.noop_layers
+        if total % chunks:
+            raise ConfigError(f"{p}pp: {total} layers (model.num_layers={model.num_layers} + model.noop_layers="
+                              f"{model.noop_layers}) do not split into pp*vpp={chunks} equal stages; set "
+                              f"model.noop_layers to {model.noop_layers + -total % chunks}, list the layers of each "
+                              f"stage in {p}pp_stage_layers, or change pp/vpp")
+    if cfg.pp > 1 and micro_batches is not None:
+        if micro_batches < cfg.pp:
+            raise ConfigError(f"train.grad_accum: {micro_batches} micro-batches per step are fewer than the pp="
+                              f"{cfg.pp} pipeline stages; raise train.grad_accum to at least {cfg.pp}")
+        if cfg.vpp > 1 and micro_batches % cfg.pp:
+            raise ConfigError(f"train.grad_accum: the interleaved schedule (vpp={cfg.vpp}) needs micro-batches "
+                              f"divisible by pp={cfg.pp}, got {micro_batches}; use a multiple of {cfg.pp}")
+
+
 def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
     """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
     p = f"{path}." if path else ""
-    for name in ("pp", "cp"):
-        if getattr(cfg, name) != 1:
-            raise ConfigError(f"{p}{name}: {name}={getattr(cfg, name)} is not supported by the training "
-                              f"runtime yet (tensor, expert and data parallelism are); set {name}: 1")
+    if cfg.cp != 1:
+        raise ConfigError(f"{p}cp: cp={cfg.cp} is not supported by the training runtime yet (tensor, expert, "
+                          f"pipeline and data parallelism are); set cp: 1")
     if cfg.etp is not None and cfg.etp != cfg.tp and not cfg.tp_extend_ep:
         raise ConfigError(f"{p}etp: expert tensor parallelism other than tp (etp={cfg.etp}, tp={cfg.tp}) is not "
                           f"supported by the training runtime yet; set etp: null, or tp_extend_ep: true")

@@ -15,11 +15,15 @@ are reduced over the dp group like any dense parameter (its ranks hold the same 
 The global norm counts each parameter once: replicated squares (identical on all ranks after the
 reduction), TP-split squares summed over the TP group, expert squares summed over the EP group (and
 over the expert-TP group when each expert is split).
+Pipeline parallelism: each rank holds one stage's parameters, so the squares above are the
+stage's; they are summed over the pipeline group. The embedding copy of the last stage (MTP or
+a tied head) first has its gradient summed with the first stage's over the embedding group, and
+is then left out of the last stage's squares, so it counts once.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,8 +59,13 @@ class GradReducer:
     optimizer step. Returns the global gradient norm (before clipping)."""
 
     def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str],
-                 tp_split_names: Iterable[str] = (), tp_partial_names: Iterable[str] = ()):
+                 tp_split_names: Iterable[str] = (), tp_partial_names: Iterable[str] = (),
+                 shared_embedding: Optional[nn.Parameter] = None, embedding_counted: bool = True):
+        """`shared_embedding`: this pipeline rank's embedding when the first and last stages both
+        hold it (its gradient is summed over `meshes.embedding_group`); `embedding_counted`: False
+        on the last stage, whose copy the global norm leaves out."""
         self.meshes = meshes
+        self.shared_embedding = shared_embedding
         expert, split, partial = set(expert_param_names), set(tp_split_names), set(tp_partial_names)
         named = list(model.named_parameters())
         unknown = (expert | split | partial) - {n for n, _ in named}
@@ -68,8 +77,11 @@ class GradReducer:
         self.tp_split = [p for n, p in named if n in split and p.requires_grad]
         self.tp_partial = [p for n, p in named if n in partial and p.requires_grad]
         split_ids = {id(p) for p in self.tp_split}
-        self.replicated = [p for p in self.dense if id(p) not in split_ids]
+        self.replicated = [p for p in self.dense if id(p) not in split_ids and
+                           not (p is shared_embedding and not embedding_counted)]
         self.routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+        first = next(model.parameters(), None)  # a pipeline stage of no-op layers holds none
+        self.device = first.device if first is not None else torch.device("cpu")
 
     def __call__(self, params=None, max_norm: float = 0.0) -> float:
         # `params` (what train_step saw with a gradient) is ignored: the reducer's own fixed list
@@ -80,6 +92,8 @@ class GradReducer:
                 p.grad = torch.zeros_like(p)
         if layout.tp > 1:
             _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.tp_group, 1)
+        if self.shared_embedding is not None:
+            dist.all_reduce(self.shared_embedding.grad, op=dist.ReduceOp.SUM, group=self.meshes.embedding_group)
         _all_reduce_mean([p.grad for p in self.dense], self.meshes.dp_group, layout.dp)
         _all_reduce_mean([p.grad for p in self.expert], self.meshes.edp_group, layout.dp)
         norm = self.global_norm()
@@ -92,7 +106,7 @@ class GradReducer:
         return norm
 
     def global_norm(self) -> float:
-        device = (self.dense + self.expert)[0].device
+        device = self.device
 
         def sq(params):  # fp32 on the device: HCCL reduces neither fp64 nor host tensors
             if not params:
@@ -107,7 +121,11 @@ class GradReducer:
         split_sq = sq(self.tp_split)
         if layout.tp > 1:
             dist.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=self.meshes.tp_group)
-        return math.sqrt(float(sq(self.replicated)) + float(split_sq) + float(expert_sq))
+        if layout.pp == 1:
+            return math.sqrt(float(sq(self.replicated)) + float(split_sq) + float(expert_sq))
+        stage_sq = sq(self.replicated) + split_sq + expert_sq  # identical on every rank of the stage
+        dist.all_reduce(stage_sq, op=dist.ReduceOp.SUM, group=self.meshes.pp_group)
+        return math.sqrt(float(stage_sq))
 
     @torch.no_grad()
     def sync_router_load(self) -> None:

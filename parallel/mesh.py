@@ -3,7 +3,9 @@
 Three meshes over the same ranks: the attention side (pp, dp, cp, tp), the MoE side
 (pp, edp, ep, etp), and, for the hierarchical dispatcher, the MoE side with ep split by the node
 structure (pp, edp, ep_inter, ep_intra, etp). Every rank must call `Meshes.build` (group creation
-is collective), after `torch.distributed` is initialised.
+is collective), after `torch.distributed` is initialised. With pp > 1 it also builds the embedding
+groups: the first and the last pipeline rank of each (dp, cp, tp) index, over which the gradient of
+the embedding (used on the first stage, copied on the last for MTP or a tied head) is summed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Meshes:
     dense: DeviceMesh
     expert: DeviceMesh
     expert_nodes: Optional[DeviceMesh]  # only built for the hierarchical dispatcher
+    embedding_group: Optional[dist.ProcessGroup] = None  # pp > 1: first and last pipeline rank
 
     @classmethod
     def build(cls, layout: Layout, device_type: str = "cpu", nodes: bool = False) -> "Meshes":
@@ -39,13 +42,30 @@ class Meshes:
         if nodes:
             expert_nodes = DeviceMesh(device_type, torch.from_numpy(layout.expert_node_grid()),
                                       mesh_dim_names=("pp", "edp", "ep_inter", "ep_intra", "etp"))
-        return cls(layout, dist.get_rank(), dense, expert, expert_nodes)
+        embedding = None
+        if layout.pp > 2:  # with pp = 2 the pipeline group is that pair
+            grid = layout.dense_grid()
+            for first, last in zip(grid[0].flatten().tolist(), grid[-1].flatten().tolist()):
+                group = dist.new_group([first, last])  # collective: every rank creates every pair
+                if dist.get_rank() in (first, last):
+                    embedding = group
+        elif layout.pp == 2:
+            embedding = dense.get_group("pp")
+        return cls(layout, dist.get_rank(), dense, expert, expert_nodes, embedding)
 
     # The groups the runtime uses, by what they are for.
     @property
     def dp_group(self) -> dist.ProcessGroup:
         """Dense-parameter gradients are averaged over it (runtime: cp = 1, so dp alone)."""
         return self.dense.get_group("dp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        """The pipeline ranks of this (dp, cp, tp) index: activations flow between them."""
+        return self.dense.get_group("pp")
+
+    def pp_rank(self) -> int:
+        return self.dense.get_local_rank("pp")
 
     @property
     def ep_group(self) -> dist.ProcessGroup:

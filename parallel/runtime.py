@@ -7,6 +7,11 @@ sits in the full one (for checkpoints and tests);
 `wrap_optimizer` adds ZeRO-1 when configured; `step_metrics` and `mean_over_dp` produce the log line
 (collectives: call them on every rank). Used by launch/trainer/ under torchrun and by the tests.
 
+Pipeline parallelism: `build_model` builds only this rank's stages (parallel/pipeline.py) where
+pp > 1, the whole model otherwise; `attach_pipeline` then creates the schedule, and
+`forward_backward` / `eval_lm_loss` replace the trainer's single-process micro-batch loop and
+evaluation (both None without a pipeline).
+
 `LocalRuntime` is the same interface for a single process (world size 1): no process group, no
 split parameters, the gradient norm and clipping of one process, identity averages. The trainer
 always holds one of the two, so its code has no single-process special cases.
@@ -22,21 +27,33 @@ from torch import nn
 
 from moe.config import ModelConfig
 from parallel.comm import CommStats
-from parallel.config import ParallelConfig, check_runtime_support
+from parallel.config import ParallelConfig, check_pipeline, check_runtime_support
 from parallel.data_parallel import GradReducer, local_grad_norm
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.layout import Layout, Shard
 from parallel.mesh import Meshes
 from parallel.metrics import step_metrics
+from parallel.pipeline import PipelineModel
+from parallel.pipeline_layout import stage_plan
+from parallel.pipeline_schedule import PipelineRunner
 from parallel.tensor_parallel import TPPlan, apply_tensor_parallel
 from parallel.zero import ZeroOptimizer
 
 
-def validate_layout(cfg: ParallelConfig, model: ModelConfig, world: int) -> Layout:
-    """Every check that needs no process group; call it before creating one."""
+def validate_layout(cfg: ParallelConfig, model: ModelConfig, world: int,
+                    micro_batches: Optional[int] = None) -> Layout:
+    """Every check that needs no process group; call it before creating one. `micro_batches`
+    (train.grad_accum) is checked against the pipeline schedule when given."""
     layout = Layout.build(cfg, world, model)
     check_runtime_support(cfg)
+    if model is not None:
+        check_pipeline(cfg, model, micro_batches)
     return layout
+
+
+def build_full_model(model: ModelConfig, kernels) -> nn.Module:
+    from moe.model import MoETransformer
+    return MoETransformer(model, kernels)
 
 
 @dataclass
@@ -51,10 +68,12 @@ class ParallelRuntime:
     shards: dict[str, tuple[Shard, ...]] = field(default_factory=dict)
     tp_partial_names: list[str] = field(default_factory=list)  # replicated inside a TP region
     grad_reducer: Optional[GradReducer] = None
+    runner: Optional[PipelineRunner] = None
 
     @classmethod
-    def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu") -> "ParallelRuntime":
-        layout = validate_layout(cfg, model, dist.get_world_size())
+    def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu",
+              micro_batches: Optional[int] = None) -> "ParallelRuntime":
+        layout = validate_layout(cfg, model, dist.get_world_size(), micro_batches)
         nodes = cfg.dispatcher == "hierarchical" and layout.ep > 1
         meshes = Meshes.build(layout, device, nodes=nodes)
         return cls(cfg, layout, meshes, CommStats(dist.get_rank(), layout.node_of), device)
@@ -75,8 +94,34 @@ class ParallelRuntime:
     def dp_size(self) -> int:
         return self.layout.dp
 
+    @property
+    def pp_rank(self) -> int:
+        return self.meshes.pp_rank()
+
+    def build_model(self, model: ModelConfig, kernels) -> nn.Module:
+        """This rank's model: the whole model without a pipeline, else only this rank's stages.
+        Seed torch's generator the same on every rank first."""
+        if self.layout.pp == 1:
+            return build_full_model(model, kernels)
+        return PipelineModel(model, kernels, stage_plan(self.cfg, model), self.pp_rank)
+
+    def attach_pipeline(self, model: nn.Module, micro_batches: int, micro_batch_size: int, seq_len: int) -> None:
+        """Create the pipeline schedule for `model` (after `parallelize`); no-op without pp."""
+        if isinstance(model, PipelineModel):
+            self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
+                                         seq_len, self.device)
+
+    @property
+    def forward_backward(self):
+        return self.runner.forward_backward if self.runner is not None else None
+
+    @property
+    def eval_lm_loss(self):
+        return self.runner.eval_lm_loss if self.runner is not None else None
+
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """In place: `model` must be the full single-device model, built with the same seed on every rank."""
+        """In place: `model` must come from `build_model` (the full single-device model, or this
+        rank's pipeline stages), built with the same seed on every rank."""
         tp = TPPlan()
         if self.layout.tp > 1:
             tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp)
@@ -84,7 +129,11 @@ class ParallelRuntime:
         self.expert_param_names = list(experts)
         self.shards = {**tp.shards, **{n: s for n, s in experts.items() if s}}
         self.tp_partial_names = tp.partial
-        self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names, tp.shards, tp.partial)
+        shared = model.embed.weight if isinstance(model, PipelineModel) and (
+            model.embedding_copy or (model.has_first and model.cfg.mtp_layers + model.cfg.tie_embeddings > 0)) else None
+        counted = not (isinstance(model, PipelineModel) and model.embedding_copy)
+        self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names, tp.shards, tp.partial,
+                                        shared_embedding=shared, embedding_counted=counted)
         return model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -93,7 +142,10 @@ class ParallelRuntime:
         return ZeroOptimizer(optimizer, model, self.meshes, self.expert_param_names)
 
     def step_metrics(self) -> dict:
-        return step_metrics(self.stats, self.meshes, self.device)
+        out = step_metrics(self.stats, self.meshes, self.device)
+        if self.runner is not None:
+            out.update(self.runner.step_metrics())
+        return out
 
     def barrier(self) -> None:
         dist.barrier()
@@ -123,6 +175,9 @@ class LocalRuntime:
     is_main: bool = True
     dp_rank: int = 0
     dp_size: int = 1
+    pp_rank: int = 0
+    forward_backward = None  # the trainer's own micro-batch loop
+    eval_lm_loss = None
 
     @classmethod
     def setup(cls, cfg: Optional[ParallelConfig] = None, model: Optional[ModelConfig] = None,
@@ -134,8 +189,15 @@ class LocalRuntime:
     def grad_reducer(params, max_norm: float = 0.0) -> float:
         return local_grad_norm(params, max_norm)
 
+    @staticmethod
+    def build_model(model: ModelConfig, kernels) -> nn.Module:
+        return build_full_model(model, kernels)
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         return model
+
+    def attach_pipeline(self, model: nn.Module, micro_batches: int, micro_batch_size: int, seq_len: int) -> None:
+        pass
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):
         return optimizer

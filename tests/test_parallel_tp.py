@@ -157,7 +157,8 @@ def test_tp_groups():
      "tp_extend_ep: true"),
     (dict(tp=2, ep=2), 2, dict(), "parallel.ep: ep = 2 does not divide the 2 ranks of a pipeline stage"),
     (dict(tp=2, ep=2, dispatcher="hierarchical"), 4, dict(), "parallel.dispatcher: 'hierarchical' needs contiguous EP"),
-    (dict(pp=2), 4, dict(), "parallel.pp: pp=2 is not supported by the training runtime yet"),
+    (dict(pp=2, tp=2), 4, dict(num_layers=3), "parallel.pp: 3 layers (model.num_layers=3 + model.noop_layers=0) "
+                                              "do not split into pp*vpp=2 equal stages"),
 ])
 def test_bad_tp_layout_is_one_clear_error(par, world, model, message):
     with pytest.raises(ConfigError) as e:

@@ -37,13 +37,10 @@ def autocast(device: str, dtype: str):
     return contextlib.nullcontext()
 
 
-def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device: str,
-               grad_reducer: Callable[..., float] = local_grad_norm,
-               check_step: Optional[Callable[[float, float], Optional[str]]] = None) -> dict:
-    """One optimizer step over `grad_accum` micro-batches. `grad_reducer(params, max_norm)` (the
-    runtime's: `parallel/`) reduces gradients across data-parallel ranks, clips them and returns the
-    global gradient norm. `check_step(loss, grad_norm)` (resilience.py) may veto the update: the
-    gradients are then dropped and weights, optimizer state and router biases stay unchanged."""
+def forward_backward(model, batches: Iterator[dict], t: TrainConfig, device: str) -> tuple[dict, list]:
+    """The single-process micro-batch loop: forward and backward of `grad_accum` micro-batches,
+    gradients accumulated as for their mean loss. Returns the loss terms (means over the
+    micro-batches) and each MoE layer's routing load summed over them."""
     model.train()
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     moe_layers = model.moe_layers()
@@ -58,6 +55,23 @@ def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device
             sums[key] += float(getattr(out, key).detach()) / t.grad_accum
         for acc, m in zip(load, moe_layers):
             acc += m.routing_load()
+    return sums, load
+
+
+def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device: str,
+               grad_reducer: Callable[..., float] = local_grad_norm,
+               check_step: Optional[Callable[[float, float], Optional[str]]] = None,
+               pipeline: Optional[Callable] = None) -> dict:
+    """One optimizer step over `grad_accum` micro-batches. `grad_reducer(params, max_norm)` (the
+    runtime's: `parallel/`) reduces gradients across data-parallel ranks, clips them and returns the
+    global gradient norm. `check_step(loss, grad_norm)` (resilience.py) may veto the update: the
+    gradients are then dropped and weights, optimizer state and router biases stay unchanged.
+    `pipeline(batches, grad_accum, device, autocast)` (the runtime's pipeline schedule, when pp > 1)
+    replaces the single-process micro-batch loop and returns the same (loss terms, load)."""
+    if pipeline is None:
+        sums, load = forward_backward(model, batches, t, device)
+    else:
+        sums, load = pipeline(batches, t.grad_accum, device, autocast(device, t.dtype))
     grad_norm = grad_reducer([p for p in model.parameters() if p.grad is not None], t.grad_clip)
     skip = check_step(sums["loss"], grad_norm) if check_step is not None else None
     if skip is None:
@@ -75,11 +89,17 @@ def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterator[dict], n: int, t: TrainConfig, device: str) -> float:
+def evaluate(model, batches: Iterator[dict], n: int, t: TrainConfig, device: str,
+             pipeline_lm_loss: Optional[Callable] = None) -> float:
+    """Mean LM loss over `n` batches; `pipeline_lm_loss(batch, device)` (the runtime's, when
+    pp > 1) runs one batch through the pipeline stages."""
     model.eval()
     losses = []
     for _, batch in zip(range(n), batches):
         with autocast(device, t.dtype):
+            if pipeline_lm_loss is not None:
+                losses.append(pipeline_lm_loss(batch, device))
+                continue
             out = model(batch["tokens"].to(device), batch["labels"].to(device))
         losses.append(float(out.lm_loss))
     model.train()
