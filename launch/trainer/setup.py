@@ -23,14 +23,18 @@ from launch.trainer.recipe import Recipe, TrainConfig
 from launch.trainer.step import LOSS_KEYS, evaluate, lr_at, seed_everything, train_step
 from moe.accounting import model_flops_per_token
 from moe.model import MoETransformer
+from parallel.config import check_pipeline
 from parallel.device import Peak, device_peak, resolve_device_type
 from parallel.runtime import Runtime
 
 
-def build_model(recipe: Recipe, device: str = "cpu") -> MoETransformer:
+def build_model(recipe: Recipe, device: str = "cpu", runtime: Optional[Runtime] = None) -> torch.nn.Module:
+    """The model this process trains: the whole MoETransformer, or under pipeline parallelism
+    only this rank's stages (`runtime.build_model`), initialised from the recipe's seed."""
     from kernels import get_kernels
     torch.manual_seed(recipe.train.seed)
-    model = MoETransformer(recipe.model, get_kernels(recipe.train.kernels, device_type=device))
+    kernels = get_kernels(recipe.train.kernels, device_type=device)
+    model = runtime.build_model(recipe.model, kernels) if runtime is not None else MoETransformer(recipe.model, kernels)
     return model.to(device)
 
 
@@ -93,7 +97,8 @@ class TrainingContext:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, t)
         return train_step(self.model, self.optimizer, self.train_it, t, self.device,
-                          grad_reducer=self.runtime.grad_reducer, check_step=check_step)
+                          grad_reducer=self.runtime.grad_reducer, check_step=check_step,
+                          pipeline=self.runtime.forward_backward)
 
     def global_metrics(self, m: dict) -> dict:
         """`m` with the global-batch losses, and the bytes and tokens the dispatchers moved."""
@@ -103,9 +108,21 @@ class TrainingContext:
 
     def eval_loss(self) -> float:
         t = self.recipe.train
-        loss = evaluate(self.model, self.valid_it(), t.eval_batches, t, self.device)
+        loss = evaluate(self.model, self.valid_it(), t.eval_batches, t, self.device,
+                        pipeline_lm_loss=self.runtime.eval_lm_loss)
         self.runtime.stats.reset()  # evaluation traffic is not part of the next training step's metrics
         return self.runtime.mean_over_dp({"eval": loss})["eval"]
+
+
+def _log_param_bytes(model: torch.nn.Module, runtime: Runtime) -> None:
+    """Each rank's parameter bytes (only its stages are built), printed by rank 0 (a collective)."""
+    import torch.distributed as dist
+    mine = torch.tensor([float(sum(p.numel() * p.element_size() for p in model.parameters()))], device=runtime.device)
+    every = [torch.zeros(1, device=runtime.device) for _ in range(runtime.layout.world)]
+    dist.all_gather(every, mine)
+    if runtime.is_main:
+        print("parameter bytes per rank: " + ", ".join(f"{r}: {int(b)}" for r, b in enumerate(torch.cat(every).cpu().tolist())),
+              flush=True)
 
 
 def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -> TrainingContext:
@@ -115,12 +132,16 @@ def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -
     on rank 0 only. Without `measure_peak` the (on CPU, timed) device peak is not measured."""
     t = recipe.train
     preflight(recipe)  # device, tokenizer and data files: before any process group or model
+    check_pipeline(recipe.parallel, recipe.model, t.grad_accum)  # stages and micro-batches, no group yet
     runtime = init_distributed(recipe)  # validates the parallel layout before any process group
     device = resolve_device_type(t.device)
     peak = (device_peak(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32) if measure_peak
             else Peak(float("nan"), "not measured"))
     seed_everything(t.seed)
-    model = runtime.parallelize(build_model(recipe, device))
+    model = runtime.parallelize(build_model(recipe, device, runtime))
+    runtime.attach_pipeline(model, t.grad_accum, t.micro_batch_size, t.seq_len)
+    if log and getattr(runtime.layout, "pp", 1) > 1:
+        _log_param_bytes(model, runtime)
     optimizer = runtime.wrap_optimizer(build_optimizer(model, t), model)
     train_it, valid_it = build_data(recipe, rank=runtime.dp_rank, world=runtime.dp_size)
     return TrainingContext(recipe, runtime, device, peak, model, optimizer, train_it, valid_it,
