@@ -132,6 +132,8 @@ def cmd_validate(args) -> int:
     if args.calibrate or not Path(hw).is_file():
         print(f"calibrating first ({hw})")
         calibrate(hw, threads=args.threads)
+    if args.models:
+        return _validate_models(hw, args)
     rows = run_validation(hw, args.config or DEFAULT_CONFIG, workdir=Path(args.workdir) if args.workdir else None,
                           only=args.case)
     print()
@@ -157,6 +159,26 @@ def cmd_validate(args) -> int:
                   f"{len(bands) - 1} features")
     if args.out:
         print("report: " + ", ".join(str(x) for x in write_validation_report(rows, s, str(hw), args.out)))
+    return 0 if s["pass"] else 1
+
+
+def _validate_models(hw, args) -> int:
+    """`validate --models`: the model search checked by training (simulator/validate_models.py)."""
+    from simulator.validate_models import DEFAULT_MODELS_CONFIG, run_model_check
+    rows, s = run_model_check(hw, args.config or DEFAULT_MODELS_CONFIG,
+                              workdir=Path(args.workdir) if args.workdir else None)
+    print()
+    print(table(rows, ["model", "total_params_m", "activated_params_m", "predicted_rank", "predicted_tokens_per_s",
+                       "measured_tokens_per_s", "calibration_only_tokens_per_s", "machine_slowdown", "note"]))
+    if s["rank_correlation"] is None:
+        print(f"\nonly {s['trained']} candidates trained: no ranking to compare")
+    else:
+        print(f"\n{s['trained']} candidates trained: rank correlation predicted vs measured tokens/s "
+              f"{s['rank_correlation']:.2f} (calibration alone {s['calibration_only_rank_correlation']:.2f}); "
+              f"predicted best {s['predicted_best']} is {s['best_shortfall_pct']:.1f}% below the measured best "
+              f"{s['measured_best']} (target >= 6 trained, >= 0.9, <= 5%: {'PASS' if s['pass'] else 'FAIL'})")
+    if args.out:
+        print(f"report: {write_json({'rows': rows, 'summary': s, 'hardware': str(hw)}, Path(args.out) / 'models.json')}")
     return 0 if s["pass"] else 1
 
 
@@ -203,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads when calibrating")
     p.add_argument("--config", help="validation cases YAML (default configs/simulator/validate_cpu.yaml)")
     p.add_argument("--case", nargs="*", help="run only these cases")
+    p.add_argument("--models", action="store_true",
+                   help="check the model search instead: train its predicted best and worst shapes "
+                        "(--config default configs/simulator/validate_models_cpu.yaml)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary directory)")
     p.add_argument("--out", help="report directory: validation.json, .md (a table per case) and .png "
                                  "(predicted vs measured); or a .json path, the others beside it")
