@@ -142,7 +142,7 @@ def case_features(c: Case) -> list[str]:
     """What the case exercises, in the terms of the error bands (simulator/bands.py)."""
     par = c.parallel
     return sorted(layout_features(tp=par.tp, ep=par.expert_parallel, dp=par.data_parallel(c.world), pp=par.pp,
-                                  cp=par.cp, tp_extend_ep=par.tp_extend_ep,
+                                  vpp=par.vpp, cp=par.cp, tp_extend_ep=par.tp_extend_ep,
                                   dispatcher=par.dispatcher, zero1=par.zero1))
 
 
