@@ -259,3 +259,17 @@ def test_bad_input_is_one_line(case, tmp_path, corpora, monkeypatch, capsys):
     assert rc != 0 and err.count("\n") == 1, err
     assert err.startswith("error: " + expected.format(t=tmp_path, d=prefix)), err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_gets_one_note(monkeypatch, capsys):
+    """bf16 autocast on a CPU without native bf16 GEMMs is several times slower than fp32: say so."""
+    import kernels.fast as fast
+    from launch.trainer import preflight as pf
+    monkeypatch.setattr(fast, "native_bf16_gemm", lambda device_type: False)
+    pf._note_slow_bf16("bf16", "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: train.dtype: bf16 on a CPU without native bf16")
+    pf._note_slow_bf16("fp32", "cpu")
+    monkeypatch.setattr(fast, "native_bf16_gemm", lambda device_type: True)
+    pf._note_slow_bf16("bf16", "cpu")
+    assert capsys.readouterr().err == ""

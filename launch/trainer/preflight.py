@@ -28,6 +28,8 @@ def preflight(recipe: Recipe) -> None:
     t, d = recipe.train, recipe.data
     _check_device(t.device)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if rank == 0:
+        _note_slow_bf16(t.dtype, t.device)
     dp = validate_layout(recipe.parallel, recipe.model, world).dp
     tokenizer = _field("data.tokenizer", lambda: load_tokenizer(d.tokenizer), (TokenizerError, OSError))
     if tokenizer.vocab_size > recipe.model.vocab_size:
@@ -65,6 +67,17 @@ def _check_device(requested: str) -> None:
                           "and the CANN toolkit on an Ascend host, or set train.device: cpu")
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda, but no CUDA device is visible; set train.device: cpu or auto")
+
+
+def _note_slow_bf16(dtype: str, device: str) -> None:
+    """bf16 on a CPU without a native bf16 GEMM (no AVX512-BF16 / AMX): torch falls back to a
+    scalar loop there (1-16 GFLOP/s against 110-176 for fp32 on the 2-core AVX2 development VM).
+    The expert GEMMs run in fp32 anyway (kernels/fast.py); every other matmul does not."""
+    from kernels.fast import native_bf16_gemm
+    if dtype == "bf16" and devices.resolve_device_type(device) == "cpu" and not native_bf16_gemm("cpu"):
+        print("note: train.dtype: bf16 on a CPU without native bf16 matrix units (no AVX512-BF16/AMX): "
+              "its bf16 matmuls are emulated and several times slower than fp32; train.dtype: fp32 is faster "
+              "here", file=sys.stderr, flush=True)
 
 
 def _check_writable_dir(name: str, path: str) -> None:
