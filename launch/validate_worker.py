@@ -5,7 +5,8 @@ torchrun): the trainer's public set-up (`launch.trainer.setup.build_context`) an
 Per step it records wall time, this thread's CPU time, and this thread's run-queue delay (time it
 was ready to run but another process held the core, from /proc/thread-self/schedstat). Busy time =
 wall - run-queue delay: what the step would take on cores of its own, waits for peers included.
-It also records the expert-parallel load imbalance the step's routing produced, and after each
+It also records the expert-parallel load imbalance the step's routing produced, under pipeline
+parallelism the step's measured bubble fraction (parallel/pipeline_schedule.py), and after each
 step, outside the timed region and on all ranks at once, the speed probe (`simulator/probe.py`):
 how fast the machine ran around that step.
 
@@ -80,6 +81,9 @@ def main(argv: list[str]) -> int:
     try:
         for step in range(steps):
             rows.append(timed_step(ctx, step))
+            runner = getattr(ctx.runtime, "runner", None)
+            if runner is not None:  # pipeline: this step's measured bubble (a collective, untimed)
+                rows[-1]["bubble_fraction"] = runner.step_metrics()["pp_bubble_fraction"]
             ctx.runtime.barrier()  # the ranks probe together, as they trained together
             rows[-1]["probe"] = probe.run()
     finally:

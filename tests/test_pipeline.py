@@ -272,3 +272,25 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
     assert m["pp_p2p_bytes"] == 2 * (n_stages - 1) * M * act * (world // par["pp"])
     print(f"{sid}: max relative difference: losses {worst['loss']:.1e}, first-step grads {worst['grad0']:.1e}, "
           f"final params {worst['param']:.1e}; bubble {m['pp_bubble_fraction']:.2f}")
+
+
+# --- simulate validate: the pipeline cases' bubble ---
+
+def test_validate_compares_the_measured_bubble_with_the_prediction():
+    from simulator.hardware import load_hardware
+    from simulator.validate import aggregate_steps, load_validate_config, predict, summarize
+    cfg = load_validate_config()
+    cases = {c.name: c for c in cfg.cases}
+    assert {"pp2", "pp2-vpp2"} <= set(cases)
+    hw = load_hardware("configs/hardware/cpu_calibrated.yaml")
+    pp2, vpp2 = (predict(cfg.model, hw, cases[n], slowdown=1.0)["bubble_fraction"] for n in ("pp2", "pp2-vpp2"))
+    # 1F1B with p = 2, m = 4 and equal stages would idle (p - 1) / (m + p - 1) = 20%; the last stage's
+    # head and MTP make the stages unequal, so more
+    assert 0.2 < pp2 < 0.5 and 0.0 < vpp2 < 0.5
+    assert predict(cfg.model, hw, cases["dp2"], slowdown=1.0)["bubble_fraction"] is None
+    step = {"wall_s": 1.0, "cpu_s": 0.9, "run_delay_s": 0.0, "probe": 0.1}
+    ranks = [[{**step, "bubble_fraction": b} for b in (0.9, 0.30, 0.20, 0.25)]] * 2
+    assert aggregate_steps(ranks, warmup=1)["bubble_fraction"] == 0.25  # median after warm-up
+    row = {"error_pct": 5.0, "calibration_only_error_pct": 5.0, "act_error_pct": None}
+    assert summarize([{**row, "bubble_error_pts": 4.0}])["pass"]
+    assert not summarize([{**row, "bubble_error_pts": -6.0}])["pass"]
