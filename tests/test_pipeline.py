@@ -8,11 +8,12 @@ are within 10% of total/4 plus its own embedding or head.
 
 Equivalence: N gloo processes train a tiny MoE (sandwich norm, 1 dense + 3 MoE layers, one MTP
 module with an MoE layer, balance loss and z-loss on) for STEPS AdamW steps with clipping active,
-through the trainer's own `train_step` with the runtime's pipeline schedule; the reference is
+through the trainer's own `train_step` with the runtime's pipeline schedule, then evaluate one
+batch through the stages (`evaluate` with the runtime's pipeline evaluation); the reference is
 `train_step` in one process over the same micro-batches (grad_accum = M x dp). Per step the loss
 terms and the global gradient norm must agree within 1e-5 relative; first-step gradients (after
 reduction and clipping, every parameter the rank holds, sharded where TP/EP split it) within 1e-5;
-final parameters within 1e-4 (AdamW amplifies rounding in near-zero gradient entries, as in
+final parameters and the evaluation loss within 1e-4 (AdamW amplifies rounding in near-zero gradient entries, as in
 tests/test_parallel_equivalence.py).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from config import ConfigError
 from kernels import get_kernels
 from launch.trainer.recipe import TrainConfig
-from launch.trainer.step import train_step
+from launch.trainer.step import evaluate, train_step
 from moe.config import ModelConfig
 from moe.model import MoETransformer
 from parallel.config import ParallelConfig
@@ -130,7 +131,8 @@ def test_each_pp_rank_builds_only_its_stages_with_the_single_process_weights():
 # (id, world, parallel overrides, model overrides)
 SCENARIOS = [
     ("pp2", 2, dict(pp=2), {}),
-    ("pp2-vpp2", 2, dict(pp=2, vpp=2), {}),
+    # 3 layers + 1 no-op over 4 virtual stages: the last holds no block, only norm, head and MTP
+    ("pp2-vpp2-noop", 2, dict(pp=2, vpp=2), dict(num_layers=3, noop_layers=1)),
     ("pp2-stage-list-tied", 2, dict(pp=2, pp_stage_layers=[1, 3]), dict(tie_embeddings=True)),
     ("pp4", 4, dict(pp=4), {}),
     ("pp2-ep2", 4, dict(pp=2, ep=2), {}),
@@ -159,7 +161,12 @@ def adamw(model) -> torch.optim.AdamW:
                              lr=1e-2, betas=(0.9, 0.95))
 
 
-def train(model, optimizer, batches, t, reducer, pipeline=None, metrics=None) -> dict:
+def eval_batch() -> dict:
+    t = torch.randint(0, BASE["vocab_size"], (MBS, SEQ + 1), generator=torch.Generator().manual_seed(SEED + 1))
+    return {"tokens": t[:, :-1], "labels": t[:, 1:]}
+
+
+def train(model, optimizer, batches, t, reducer, pipeline=None, metrics=None, eval_lm_loss=None) -> dict:
     out = {k: [] for k in TERMS}
     out["metrics"] = []
     first_grads = {}
@@ -177,6 +184,7 @@ def train(model, optimizer, batches, t, reducer, pipeline=None, metrics=None) ->
             out["metrics"].append({k: v for k, v in m.items() if k.startswith("pp_")})
         for k in TERMS:
             out[k].append(m[k])
+    out["eval"] = evaluate(model, iter([eval_batch()]), 1, t, "cpu", pipeline_lm_loss=eval_lm_loss)
     out["grads"] = first_grads
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     out["bias"] = {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
@@ -220,7 +228,7 @@ def _rank_worker(scenarios: list) -> list:
             out.update(rt.step_metrics())
             return out
         out = train(model, optimizer, micro_batches(rt.dp_size, rt.dp_rank), train_config(), rt.grad_reducer,
-                    rt.forward_backward, metrics)
+                    rt.forward_backward, metrics, rt.eval_lm_loss)
         out["shards"], out["dp"], out["param_bytes"] = rt.shards, rt.dp_size, model.param_bytes()
         results.append(out)
     return results
@@ -256,6 +264,8 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
             rel = rel_diff(p, take_shard(ref["params"][name], out["shards"].get(name, ())))
             assert rel <= TOL_AFTER_UPDATE, f"rank {r}: final {name} differs by {rel:.2e}"
             worst["param"] = max(worst["param"], rel)
+        rel = abs(out["eval"] - ref["eval"]) / ref["eval"]
+        assert rel <= TOL_AFTER_UPDATE, f"rank {r}: evaluation loss {out['eval']} vs {ref['eval']}"
         for name, b in out["bias"].items():
             assert torch.equal(b, ref["bias"][name]), f"rank {r}: {name} {b} vs {ref['bias'][name]}"
     # no rank holds the whole model
