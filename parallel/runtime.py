@@ -19,7 +19,7 @@ always holds one of the two, so its code has no single-process special cases.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,9 +35,11 @@ from parallel.mesh import Meshes
 from parallel.metrics import step_metrics
 from parallel.pipeline import PipelineModel
 from parallel.pipeline_layout import stage_plan
-from parallel.pipeline_schedule import PipelineRunner
 from parallel.tensor_parallel import TPPlan, apply_tensor_parallel
 from parallel.zero import ZeroOptimizer
+
+if TYPE_CHECKING:  # torch.distributed.pipelining takes seconds to import: only runs with pp > 1 do
+    from parallel.pipeline_schedule import PipelineRunner
 
 
 def validate_layout(cfg: ParallelConfig, model: ModelConfig, world: int,
@@ -68,7 +70,7 @@ class ParallelRuntime:
     shards: dict[str, tuple[Shard, ...]] = field(default_factory=dict)
     tp_partial_names: list[str] = field(default_factory=list)  # replicated inside a TP region
     grad_reducer: Optional[GradReducer] = None
-    runner: Optional[PipelineRunner] = None
+    runner: Optional["PipelineRunner"] = None
 
     @classmethod
     def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu",
@@ -108,6 +110,7 @@ class ParallelRuntime:
     def attach_pipeline(self, model: nn.Module, micro_batches: int, micro_batch_size: int, seq_len: int) -> None:
         """Create the pipeline schedule for `model` (after `parallelize`); no-op without pp."""
         if isinstance(model, PipelineModel):
+            from parallel.pipeline_schedule import PipelineRunner
             self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
                                          seq_len, self.device)
 
