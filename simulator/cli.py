@@ -140,7 +140,8 @@ def cmd_validate(args) -> int:
     print(table(rows, ["case", "world", "tp", "ep", "dispatcher", "micro_batch_size", "grad_accum", "seq_len",
                        "ep_imbalance", "machine_slowdown", "predicted_s", "measured_s", "error_pct",
                        "calibration_only_s", "calibration_only_error_pct", "fastest_s", "wall_s",
-                       "band_low_s", "band_high_s", "in_band",
+                       "band_low_s", "band_high_s", "in_band", "predicted_bubble", "measured_bubble",
+                       "bubble_error_pts",
                        "predicted_act_mb", "measured_act_mb", "act_error_pct", "note"]))
     s = summarize(rows)
     print(f"\n{s['measured']} of {s['cases']} cases measured: median |error| {s['median_abs_error_pct']:.1f}%, "

@@ -161,7 +161,7 @@ def model_line(cfg) -> str:
 
 def _layout_of_row(r: dict) -> str:
     parts = [f"world {r['world']}"]
-    parts += [f"{k} {r[k]}" for k in ("tp", "ep") if r.get(k, 1) > 1]
+    parts += [f"{k} {r[k]}" for k in ("tp", "ep", "pp", "vpp") if (r.get(k) or 1) > 1]
     if r.get("ep", 1) > 1:
         parts.append(r["dispatcher"])
     parts.append(f"{r['micro_batch_size']}x{r['seq_len']} tokens" + (f" x{r['grad_accum']}" if r["grad_accum"] > 1 else ""))
@@ -174,14 +174,17 @@ def validation_markdown(rows: list[dict], summary: dict, hardware: str) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
     out = [f"# Simulator validation on {hardware}", "",
-           "| case | layout | features | predicted s | measured s | error | calibration alone | band s | in band |",
-           "|---|---|---|---:|---:|---:|---:|---|---|"]
+           "| case | layout | features | predicted s | measured s | error | calibration alone | band s | in band "
+           "| bubble predicted / measured |",
+           "|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         band = (f"{r['band_low_s']:.4f}-{r['band_high_s']:.4f}" if r.get("band_low_s") is not None else "none")
         inside = {True: "yes", False: "**no**", None: "-"}[r.get("in_band")]
+        bubble = (f"{100 * r['predicted_bubble']:.1f}% / {100 * r['measured_bubble']:.1f}%"
+                  if r.get("measured_bubble") is not None else "-")
         out.append(f"| {r['case']} | {_layout_of_row(r)} | {', '.join(r.get('features', [])) or '-'} | "
                    f"{num(r['predicted_s'], '.4f')} | {num(r['measured_s'], '.4f')} | {num(r['error_pct'], '+.1f')}% | "
-                   f"{num(r['calibration_only_error_pct'], '+.1f')}% | {band} | {inside} |"
+                   f"{num(r['calibration_only_error_pct'], '+.1f')}% | {band} | {inside} | {bubble} |"
                    + (f" {r['note']}" if r.get("note") else ""))
     s = summary
     out += ["", f"{s['measured']} of {s['cases']} cases measured: median |error| "

@@ -268,7 +268,7 @@ def run_validation(hw_path: str | Path, config: str | Path = DEFAULT_CONFIG, wor
         # use the one the run produced (1.0 without expert parallelism).
         imb = meas.get("ep_imbalance", 1.0)
         raw = predict(cfg.model, hw, c, imbalance=imb)
-        row = {"case": c.name, "world": c.world, "tp": c.parallel.tp, "ep": c.parallel.expert_parallel,
+        row = {"case": c.name, "world": c.world, "tp": c.parallel.tp, "ep": c.parallel.expert_parallel, "pp": c.parallel.pp, "vpp": c.parallel.vpp,
                "dispatcher": c.parallel.dispatcher,
                "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum, "seq_len": c.seq_len,
                "ep_imbalance": imb, "features": case_features(c)}
