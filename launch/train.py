@@ -10,7 +10,7 @@ from typing import Optional
 
 from config import ConfigError, parse_overrides
 from launch.checkpoint.files import CheckpointError
-from launch.trainer.distributed import shutdown
+from launch.trainer.distributed import is_peer_failure, peer_failure_message, shutdown
 from launch.trainer.loop import run
 from launch.trainer.recipe import load_recipe
 from launch.trainer.resilience import TrainingAborted
@@ -26,6 +26,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-3")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     args = ap.parse_args(argv)
+    recipe = None
     try:
         recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
         run(recipe, progress=not args.no_progress and None)
@@ -36,6 +37,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CheckpointError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # a peer stopped answering: name it instead of the backend's traceback
+        if recipe is None or not is_peer_failure(e):
+            raise
+        print(f"error: {peer_failure_message(e, recipe.resilience.collective_timeout_s)}", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

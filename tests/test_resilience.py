@@ -129,7 +129,8 @@ def test_abort_after_n_nan_steps_is_one_clear_error(tmp_path, data_dir, monkeypa
     assert main(["--recipe", str(path), "--no-progress"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: step 2: loss nan") and "max_nonfinite_in_row=2" in err[0]
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing good to save
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002"  # nothing applied yet: the initial weights
+    assert f"(the initial weights, data past the bad batches) is saved in {saved}" in err[0] and saved.is_dir()
 
 
 def test_graceful_stop_catches_sigterm_in_process():

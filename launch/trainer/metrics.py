@@ -35,7 +35,10 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        record, bad = finite_or_null({"step": step, **metrics})
+        if bad:
+            record["nonfinite"] = bad
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
@@ -50,6 +53,17 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def finite_or_null(record: dict) -> tuple[dict, list[str]]:
+    """`record` with NaN/Inf (also inside lists) replaced by null, and the keys where that happened:
+    json.dumps would write a bare NaN, which is not JSON and breaks strict readers (jq, pandas)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return [clean(x) for x in v] if isinstance(v, list) else v
+    out = {k: clean(v) for k, v in record.items()}
+    return out, [k for k in record if out[k] != record[k]]  # a changed value held a NaN or Inf
 
 
 def _step_of(line: str) -> Optional[int]:

@@ -114,9 +114,15 @@ class ResilienceConfig:
     spike_min_history: int = 10  # accepted losses needed before spikes are detected
     max_spikes_in_row: int = 3  # abort after this many consecutive spikes
     handle_signals: bool = True  # SIGTERM/SIGINT: finish the step, save, exit cleanly
+    # How long a rank waits for its peers (start-up, each collective) before naming the silent rank
+    # and exiting; long enough for the slowest legitimate wait (a large checkpoint save or load).
+    collective_timeout_s: float = 600.0
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
+        if not self.collective_timeout_s > 0 or self.collective_timeout_s == float("inf"):
+            raise ConfigError(f"{p}collective_timeout_s: must be a finite number of seconds > 0, "
+                              f"got {self.collective_timeout_s}")
         for name in ("max_nonfinite_in_row", "max_spikes_in_row", "spike_window", "spike_min_history"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")

@@ -62,9 +62,8 @@ class StepGuard:
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
                 raise TrainingAborted(
                     f"step {step}: loss {loss}, gradient norm {grad_norm}: {self.nonfinite_in_row} non-finite steps "
-                    f"in a row (resilience.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); weights are those "
-                    "of the last good step. Lower train.lr, use train.dtype fp32, or inspect the data at "
-                    "this position, then resume from the last checkpoint")
+                    f"in a row (resilience.max_nonfinite_in_row={cfg.max_nonfinite_in_row}). Lower train.lr, use "
+                    "train.dtype fp32, or inspect the data at this position")
             return f"non-finite (loss {loss}, grad norm {grad_norm})"
         self.nonfinite_in_row = 0
         mean = self.recent_mean()
@@ -75,7 +74,7 @@ class StepGuard:
                 raise TrainingAborted(
                     f"step {step}: loss {loss:.4g} is {loss / mean:.1f}x the recent mean {mean:.4g}, "
                     f"{self.spikes_in_row} spikes in a row (resilience.max_spikes_in_row={cfg.max_spikes_in_row}); "
-                    "lower train.lr or raise resilience.spike_factor, then resume from the last checkpoint")
+                    "lower train.lr or raise resilience.spike_factor")
             return f"loss spike ({loss:.4g} > {cfg.spike_factor} x recent mean {mean:.4g})"
         self.spikes_in_row = 0
         self.window.append(loss)
@@ -193,7 +192,21 @@ class Recovery:
         if info.get("global_batch") not in (None, self._global_batch()):
             self._say(f"note: the global batch changed from {info['global_batch']} to {self._global_batch()} "
                       "samples; data continues from the saved position, the losses will differ from the old run's")
+        elif info.get("micro_batch_size") not in (None, self.recipe.train.micro_batch_size):
+            self._per_micro_batch_note(int(info["micro_batch_size"]))
         return self.saved_step
+
+    def _per_micro_batch_note(self, old: int) -> None:
+        """The global batch is kept but its micro-batches are not: say which losses then differ."""
+        m = self.recipe.model
+        parts = ([f"the balance loss (model.aux_loss_scope={m.aux_loss_scope})"]
+                 if m.aux_loss_coeff > 0 and m.aux_loss_scope != "sequence" else [])
+        parts += ["capacity dropping (model.capacity_factor)"] if m.capacity_factor is not None else []
+        if parts:
+            self._say(f"note: train.micro_batch_size changed from {old} to {self.recipe.train.micro_batch_size}: "
+                      f"{' and '.join(parts)} {'depend' if len(parts) > 1 else 'depends'} on which samples share a micro-batch, so the losses differ "
+                      "slightly from the old layout's; for identical losses keep micro_batch_size and change "
+                      "grad_accum instead (docs/DESIGN-NOTES.md, 'Same losses after a reshard')")
 
     def _global_batch(self) -> int:
         t = self.recipe.train
@@ -202,7 +215,10 @@ class Recovery:
     def check(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
         """Before the optimizer step: None to apply it, else why it is skipped (same on all ranks)."""
         loss = self.runtime.mean_over_dp({"loss": loss})["loss"]
-        reason = self.guard.check(step, loss, grad_norm)
+        try:
+            reason = self.guard.check(step, loss, grad_norm)
+        except TrainingAborted as e:  # every rank aborts at the same step (same loss and norm)
+            raise TrainingAborted(f"{e}. {self._save_last_good(step)}") from None
         if reason is not None:
             self._say(f"step {step}: skipped, {reason}; weights unchanged ({self.guard.counters()})")
         return reason
@@ -221,11 +237,28 @@ class Recovery:
                       "run the same command again to resume")
         return stop
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, blocking: Optional[bool] = None) -> Optional[Path]:
         meta = {"tokens": self.tokens, "data": self.train_it.state_dict(), "resilience": self.guard.state_dict(),
-                "global_batch": self._global_batch()}
-        self.ckpt.save(step, self.model, self.optimizer, meta, self.recipe_yaml)
+                "global_batch": self._global_batch(), "micro_batch_size": self.recipe.train.micro_batch_size}
+        path = self.ckpt.save(step, self.model, self.optimizer, meta, self.recipe_yaml, blocking=blocking)
         self.saved_step = step
+        return path
+
+    def _save_last_good(self, step: int) -> str:
+        """Save at the aborting step; say where. Skipped steps leave weights, optimizer state and
+        router biases untouched, so this is the state of the last applied step, with the data
+        position past the bad batches, exactly what a periodic save at `step` would hold."""
+        good = step - max(self.guard.nonfinite_in_row, self.guard.spikes_in_row)
+        self.optimizer.zero_grad(set_to_none=True)  # the bad step's gradients are not state
+        self.model.discard_pending_load()
+        self.tokens += self._global_batch() * self.recipe.train.seq_len  # this step's batch was read
+        try:
+            path = self.save(step, blocking=True)
+        except Exception as e:  # keep the abort's reason; add why nothing was saved
+            return f"Saving the last good state failed too: {e}"
+        weights = f"the weights of step {good}" if good > 0 else "the initial weights"
+        return (f"The last good state ({weights}, data past the bad batches) is saved in {path}: "
+                "run the same command again to resume from it")
 
     def finish(self, done: int) -> None:
         """At the end of training: the final checkpoint (if configured and not saved already)."""
