@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on one CPU box with N gloo processes (torchrun --standalone): every parallel feature runs
+# Train on one CPU box with N gloo processes (torchrun --standalone, via launch.torchrun: SIGTERM exits 0): every parallel feature runs
 # here exactly as on a cluster; "nodes" are a setting (parallel.devices_per_node).
 #
 #   launch/run_cpu.sh [NPROC] [section.field=value ...]
@@ -15,5 +15,5 @@ NPROC="${NPROC:-4}"
 RECIPE="${RECIPE:-configs/recipes/tiny_cpu.yaml}"
 PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+exec "$PYTHON" -m launch.torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" \
     -m launch.train --recipe "$RECIPE" --no-progress train.device=cpu "$@"

@@ -31,6 +31,6 @@ export HCCL_CONNECT_TIMEOUT="${HCCL_CONNECT_TIMEOUT:-1200}"
 export HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1800}"
 export HCCL_BUFFSIZE="${HCCL_BUFFSIZE:-200}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
+exec "$PYTHON" -m launch.torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m launch.train --no-progress "$@" train.device=npu parallel.devices_per_node="$NPROC_PER_NODE"
