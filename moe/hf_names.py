@@ -14,7 +14,8 @@ Name map (ours -> HF; i = layer, j = expert, L = num_layers, k = MTP depth - 1):
     attn.wkv_a / kv_norm / wkv_b / wo     self_attn.kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj / o_proj
     attn.wq/wk/wv/wo (GQA)                self_attn.q_proj / k_proj / v_proj / o_proj
     mlp.w1 / w3 / w2 (dense)              mlp.gate_proj / up_proj / down_proj
-    mlp.router.weight / .expert_bias      mlp.gate.weight / mlp.gate.e_score_correction_bias (with expert_bias)
+    mlp.router.weight / .expert_bias      mlp.gate.weight / mlp.gate.e_score_correction_bias (zeros without
+                                          expert_bias: DeepSeek-V3 engines always add it)
     mlp.experts.w1_EDF[j] (D x F)         mlp.experts.j.gate_proj.weight = transpose (F x D: Linear is [out, in])
     mlp.experts.w3_EDF[j]                 mlp.experts.j.up_proj.weight = transpose
     mlp.experts.w2_EFD[j] (F x D)         mlp.experts.j.down_proj.weight = transpose (D x F)
@@ -104,8 +105,10 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
             out += [(f"{ours}.mlp.{o}.weight", f"{hf}.mlp.{h}.weight", same, same) for o, h in _MLP.items()]
             continue
         out.append((f"{ours}.mlp.router.weight", f"{hf}.mlp.gate.weight", same, same))
-        if cfg.expert_bias:
-            out.append((f"{ours}.mlp.router.expert_bias", f"{hf}.mlp.gate.e_score_correction_bias", same, same))
+        # DeepSeek-V3 engines always add the selection bias: without expert_bias we route without
+        # one, so the faithful tensor is zeros (whatever the unused buffer holds).
+        bias_out = same if cfg.expert_bias else torch.zeros_like
+        out.append((f"{ours}.mlp.router.expert_bias", f"{hf}.mlp.gate.e_score_correction_bias", bias_out, same))
         if cfg.num_shared_experts > 0:
             out += [(f"{ours}.mlp.shared.{o}.weight", f"{hf}.mlp.shared_experts.{h}.weight", same, same)
                     for o, h in _MLP.items()]

@@ -30,7 +30,8 @@ def matrix_std(cfg: ModelConfig) -> float:
 def draw_init_seed() -> int:
     """The model's base seed, drawn from torch's global generator: `torch.manual_seed(s)` followed
     by building a model (whole or one pipeline stage) gives the same weights every time."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    # device="cpu": the global CPU generator, also when built under `torch.device("meta")` (HF export)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
 
 
 def param_seed(seed: int, name: str) -> int:

@@ -8,9 +8,6 @@ weighted sum, and the final cast rounds again.
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
@@ -222,34 +219,7 @@ def test_auto_on_unavailable_device_is_reference():
     assert kernels.get_kernels("auto", "npu").name == "reference"
 
 
-def _fake_npu_grouped_matmul(x, weight, *, group_list, split_item, group_type, group_list_type, bias=None):
-    """Stand-in with torch_npu.npu_grouped_matmul's documented semantics for the calls we make."""
-    assert len(x) == 1 and len(weight) == 1 and bias is None and group_list_type == 1
-    counts = group_list.tolist()
-    if group_type == 0:  # groups along rows of x; weight [E, D, F]
-        assert split_item == 2
-        return [torch.cat([xe @ weight[0][e] for e, xe in enumerate(x[0].split(counts))])]
-    assert group_type == 2 and split_item == 3  # groups along the reduction axis -> [E, D, F]
-    return [torch.stack([a @ b for a, b in zip(x[0].split(counts, dim=1), weight[0].split(counts))])]
-
-
-def test_npu_hook_glue_with_stand_in_module(monkeypatch):
-    fake = types.ModuleType("torch_npu")
-    fake.npu_grouped_matmul = _fake_npu_grouped_matmul
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    assert "npu" in kernels.available_kernels()
-    k = kernels.get_kernels("auto", "npu")
-    assert k.name == "npu"
-    for case in ("zero_experts", "dropped"):
-        x, idx, weights, w = make_case(case, torch.float32)
-        torch.testing.assert_close(
-            run_moe(k, x, idx, weights, w).double(), loop_moe(x, idx, weights, w), **TOL[torch.float32]
-        )
-        leaves = [t.clone().requires_grad_() for t in (x, w, weights)]
-        run_moe(k, leaves[0], idx, leaves[2], leaves[1]).sum().backward()
-        ref = _grads("reference", case, torch.float32, "sum")
-        for a, leaf in zip(ref, leaves):
-            torch.testing.assert_close(leaf.grad, a)
+# The Ascend hook (kernels/npu.py) is tested against a stand-in torch_npu in tests/test_kernels_npu.py.
 
 
 # bf16 GEMM compute dtype: a CPU without a native bf16 GEMM (this AVX2 box) multiplies bf16 in fp32.
