@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel import emulated_links as links
 
-# Newer torch renamed the single-tensor all-gather / reduce-scatter (the old names now warn); older
-# torch (the project allows >= 2.6) has only the old names.
+
+# Plain (not emulated, not timed) single-tensor all-gather / reduce-scatter, for bookkeeping such as
+# the step metrics; the runtime's own collectives go through `links` (parallel/emulated_links.py).
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -83,7 +85,7 @@ class _AllToAll(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         _record(stats, group, in_splits, x)
-        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=box is not None)
+        work = links.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=box is not None)
         if box is not None:
             box.append((work, x))  # keep the send buffer alive until the exchange finishes
         return out
@@ -94,7 +96,7 @@ class _AllToAll(torch.autograd.Function):
         grad = grad.contiguous()
         grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
         _record(ctx.stats, ctx.group, out_splits, grad)
-        dist.all_to_all_single(grad_in, grad, in_splits, out_splits, group=ctx.group)
+        links.all_to_all_single(grad_in, grad, in_splits, out_splits, group=ctx.group)
         return grad_in, None, None, None, None, None
 
 
@@ -112,7 +114,7 @@ def exchange_counts(send_counts: Tensor, group, stats: Optional[CommStats] = Non
     send = send_counts.contiguous()
     recv = torch.empty_like(send)
     _record(stats, group, [1] * send.shape[0], send)
-    dist.all_to_all_single(recv, send, group=group)
+    links.all_to_all_single(recv, send, group=group, kind="counts")
     return recv
 
 
@@ -121,7 +123,7 @@ def all_gather_sizes(n: int, group, stats: Optional[CommStats] = None, device="c
     mine = torch.tensor([n], dtype=torch.int64, device=device)  # HCCL/NCCL take device tensors only
     out = torch.empty(size, dtype=torch.int64, device=device)
     _record(stats, group, [1] * size, mine)
-    all_gather_single(out, mine, group=group)
+    links.all_gather_single(out, mine, group=group)
     return out.tolist()
 
 
@@ -135,7 +137,7 @@ class _AllGatherPadded(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((n * x.shape[0], *x.shape[1:]))
         _record(stats, group, [rows] * n, x)  # the padding is not payload
-        work = all_gather_single(out, x, group=group, async_op=box is not None)
+        work = links.all_gather_single(out, x, group=group, async_op=box is not None)
         if box is not None:
             box.append((work, x))
         return out
@@ -146,7 +148,7 @@ class _AllGatherPadded(torch.autograd.Function):
         grad = grad.contiguous()
         grad_in = grad.new_empty((grad.shape[0] // n, *grad.shape[1:]))
         _record(ctx.stats, ctx.group, [grad_in.shape[0]] * n, grad)
-        reduce_scatter_single(grad_in, grad, group=ctx.group)
+        links.reduce_scatter_single(grad_in, grad, group=ctx.group)
         return grad_in, None, None, None, None
 
 
@@ -160,7 +162,7 @@ class _ReduceScatterPadded(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
         _record(stats, group, rows_per_peer, x)
-        reduce_scatter_single(out, x, group=group)
+        links.reduce_scatter_single(out, x, group=group)
         return out
 
     @staticmethod
@@ -170,7 +172,7 @@ class _ReduceScatterPadded(torch.autograd.Function):
         grad_in = grad.new_empty((n * grad.shape[0], *grad.shape[1:]))
         me = dist.get_rank(ctx.group)
         _record(ctx.stats, ctx.group, [ctx.rows[me]] * n, grad)
-        all_gather_single(grad_in, grad, group=ctx.group)
+        links.all_gather_single(grad_in, grad, group=ctx.group)
         return grad_in, None, None, None
 
 

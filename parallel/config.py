@@ -15,7 +15,7 @@ simulator pads layers and checks its own batch, so it keeps those rules in simul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 from config import ConfigError
@@ -25,6 +25,22 @@ if TYPE_CHECKING:
 
 Dispatcher = Literal["local", "allgather", "alltoall", "hierarchical"]
 DISPATCHERS: tuple[str, ...] = get_args(Dispatcher)
+
+
+@dataclass
+class LinkSpec:
+    """One emulated link class: per-step latency and per-device bandwidth (GB/s, one direction),
+    the units of the simulator's hardware `Link`."""
+    latency_us: float = 10.0
+    bandwidth_gbps: float = 10.0
+
+
+@dataclass
+class EmulateLinks:
+    """Emulated links for gloo runs (parallel/emulated_links.py): each collective completes only
+    after the time the simulator's link model gives its bytes on these links."""
+    intra_node: LinkSpec = field(default_factory=LinkSpec)
+    inter_node: LinkSpec = field(default_factory=LinkSpec)
 
 
 def _divisors(n: int) -> str:
@@ -48,6 +64,10 @@ class ParallelConfig:
     # real layers of each virtual stage (index chunk * pp + rank, pp * vpp entries, summing to
     # model.num_layers); None: equal stages, model.noop_layers padding the depth
     pp_stage_layers: Optional[list[int]] = None
+    # CPU test device: delay each collective to the time it takes on these links (None: off)
+    emulate_links: Optional[EmulateLinks] = None
+    # all-reduce gradients in buckets of this many MB during backward (0: one blocking reduction after it)
+    grad_bucket_mb: float = 0.0
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
@@ -69,6 +89,16 @@ class ParallelConfig:
         if self.tp_extend_ep and self.etp not in (None, 1):
             raise ConfigError(f"{p}etp: tp_extend_ep splits experts over the TP ranks, so expert weights "
                               f"are not split; set etp to 1 or null, got {self.etp}")
+        if self.grad_bucket_mb < 0:
+            raise ConfigError(f"{p}grad_bucket_mb: must be >= 0 (0 reduces after backward), got {self.grad_bucket_mb}")
+        if self.emulate_links is not None:
+            for side in ("intra_node", "inter_node"):
+                link = getattr(self.emulate_links, side)
+                if link.bandwidth_gbps <= 0:
+                    raise ConfigError(f"{p}emulate_links.{side}.bandwidth_gbps: must be > 0 GB/s, "
+                                      f"got {link.bandwidth_gbps}")
+                if link.latency_us < 0:
+                    raise ConfigError(f"{p}emulate_links.{side}.latency_us: must be >= 0, got {link.latency_us}")
         # The YAML loader checks the Literal already; this catches configs built in code.
         if self.dispatcher not in DISPATCHERS:
             raise ConfigError(f"{p}dispatcher: unknown dispatcher {self.dispatcher!r}; "

@@ -31,6 +31,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe.layer import MoELayer
+from parallel import emulated_links as links
 from parallel.mesh import Meshes
 
 
@@ -40,10 +41,79 @@ def _all_reduce_mean(tensors: list[torch.Tensor], group, divisor: int) -> None:
         return
     flat = _flatten_dense_tensors(tensors)
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        links.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat.div_(divisor)
     for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
         t.copy_(reduced)
+
+
+class _GradBuckets:
+    """Overlapped reduction (`parallel.grad_bucket_mb`): `params` in buckets of about `bucket_bytes`,
+    in reverse order (the order backward produces their gradients). A post-accumulate-grad hook
+    counts each parameter's gradients; when every parameter of the next bucket has all
+    `micro_batches` of them, its flat copy is all-reduced asynchronously while backward goes on.
+    Buckets start strictly in index order, so every rank issues the same collectives in the same
+    order even when gradients arrive in a different order. `finish` starts the rest (a parameter
+    without a gradient counts as zero), waits, divides and copies the sums back."""
+
+    def __init__(self, params: list[nn.Parameter], group, divisor: int, bucket_bytes: int):
+        self.group, self.divisor, self.micro_batches = group, divisor, 1
+        self.buckets: list[list[nn.Parameter]] = []
+        current, size = [], 0
+        for p in reversed(params):
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seen: dict[int, int] = {}
+        self.missing = [len(b) for b in self.buckets]
+        self.next = 0
+        self.inflight: list[tuple[list[nn.Parameter], torch.Tensor, object]] = []
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        n = self.seen.get(id(p), 0) + 1
+        self.seen[id(p)] = n
+        if n > self.micro_batches:  # its bucket may already be on the wire without this gradient
+            raise RuntimeError(f"parallel.grad_bucket_mb: a gradient accumulated over more than the "
+                               f"{self.micro_batches} micro-batch(es) the reducer expects; pass train.grad_accum "
+                               f"to ParallelRuntime.attach_pipeline (the trainer does) or set grad_bucket_mb: 0")
+        if n == self.micro_batches:
+            self.missing[self.bucket_of[id(p)]] -= 1
+            self._start(force=False)
+
+    def _start(self, force: bool) -> None:
+        while self.next < len(self.buckets) and (force or self.missing[self.next] == 0):
+            params = self.buckets[self.next]
+            flat = _flatten_dense_tensors([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            work = (links.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                    if dist.get_world_size(self.group) > 1 else None)
+            self.inflight.append((params, flat, work))
+            self.next += 1
+
+    def start_rest(self) -> None:
+        self._start(force=True)
+
+    def finish(self) -> None:
+        self.start_rest()
+        for params, flat, work in self.inflight:
+            if work is not None:
+                work.wait()
+            flat.div_(self.divisor)
+            for p, reduced in zip(params, _unflatten_dense_tensors(flat, params)):
+                if p.grad is None:
+                    p.grad = reduced.clone()
+                else:
+                    p.grad.copy_(reduced)
+        self._reset()
 
 
 def local_grad_norm(params: list[torch.Tensor], max_norm: float = 0.0) -> float:
@@ -60,10 +130,13 @@ class GradReducer:
 
     def __init__(self, model: nn.Module, meshes: Meshes, expert_param_names: list[str],
                  tp_split_names: Iterable[str] = (), tp_partial_names: Iterable[str] = (),
-                 shared_embedding: Optional[nn.Parameter] = None, embedding_counted: bool = True):
+                 shared_embedding: Optional[nn.Parameter] = None, embedding_counted: bool = True,
+                 bucket_bytes: int = 0):
         """`shared_embedding`: this pipeline rank's embedding when the first and last stages both
         hold it (its gradient is summed over `meshes.embedding_group`); `embedding_counted`: False
-        on the last stage, whose copy the global norm leaves out."""
+        on the last stage, whose copy the global norm leaves out. `bucket_bytes` > 0: reduce
+        dense and expert gradients during backward in buckets of that size (`_GradBuckets`);
+        not under a pipeline, whose schedule rescales the gradients after backward."""
         self.meshes = meshes
         self.shared_embedding = shared_embedding
         expert, split, partial = set(expert_param_names), set(tp_split_names), set(tp_partial_names)
@@ -82,20 +155,25 @@ class GradReducer:
         self.routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
         first = next(model.parameters(), None)  # a pipeline stage of no-op layers holds none
         self.device = first.device if first is not None else torch.device("cpu")
+        self.buckets: list[_GradBuckets] = []
+        if bucket_bytes > 0 and meshes.layout.pp == 1:
+            partial_ids = {id(p) for p in self.tp_partial}  # summed over TP first: after backward
+            overlapped = [p for p in self.dense if id(p) not in partial_ids]
+            self.buckets = [_GradBuckets(ps, g, meshes.layout.dp, bucket_bytes) for ps, g in
+                            ((overlapped, meshes.dp_group), (self.expert, meshes.edp_group)) if ps]
+
+    def set_micro_batches(self, n: int) -> None:
+        """Backward passes that accumulate into the gradients of one step (train.grad_accum)."""
+        for b in self.buckets:
+            b.micro_batches = n
 
     def __call__(self, params=None, max_norm: float = 0.0) -> float:
         # `params` (what train_step saw with a gradient) is ignored: the reducer's own fixed list
         # keeps the buckets aligned across ranks. A parameter without a gradient counts as zero.
-        layout = self.meshes.layout
-        for p in self.dense + self.expert:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if layout.tp > 1:
-            _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.tp_group, 1)
-        if self.shared_embedding is not None:
-            dist.all_reduce(self.shared_embedding.grad, op=dist.ReduceOp.SUM, group=self.meshes.embedding_group)
-        _all_reduce_mean([p.grad for p in self.dense], self.meshes.dp_group, layout.dp)
-        _all_reduce_mean([p.grad for p in self.expert], self.meshes.edp_group, layout.dp)
+        if self.buckets:
+            self._reduce_overlapped()
+        else:
+            self._reduce_blocking()
         norm = self.global_norm()
         if max_norm > 0:
             coef = min(1.0, max_norm / (norm + 1e-6))  # the formula of torch.nn.utils.clip_grad_norm_
@@ -104,6 +182,31 @@ class GradReducer:
                     p.grad.mul_(coef)
         self.sync_router_load()
         return norm
+
+    def _reduce_blocking(self) -> None:
+        layout = self.meshes.layout
+        for p in self.dense + self.expert:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if layout.tp > 1:
+            _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.tp_group, 1)
+        if self.shared_embedding is not None:
+            links.all_reduce(self.shared_embedding.grad, op=dist.ReduceOp.SUM, group=self.meshes.embedding_group)
+        _all_reduce_mean([p.grad for p in self.dense], self.meshes.dp_group, layout.dp)
+        _all_reduce_mean([p.grad for p in self.expert], self.meshes.edp_group, layout.dp)
+
+    def _reduce_overlapped(self) -> None:
+        layout = self.meshes.layout
+        for b in self.buckets:  # same order on every rank: the buckets, then the TP-partial ones
+            b.start_rest()
+        for p in self.tp_partial:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.tp_partial:
+            _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.tp_group, 1)
+            _all_reduce_mean([p.grad for p in self.tp_partial], self.meshes.dp_group, layout.dp)
+        for b in self.buckets:
+            b.finish()
 
     def global_norm(self) -> float:
         device = self.device
@@ -115,16 +218,16 @@ class GradReducer:
         layout = self.meshes.layout
         expert_sq = sq(self.expert)
         if layout.ep > 1:
-            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.ep_group)
+            links.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.ep_group)
         if layout.etp > 1:
-            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.etp_group)
+            links.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.etp_group)
         split_sq = sq(self.tp_split)
         if layout.tp > 1:
-            dist.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=self.meshes.tp_group)
+            links.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=self.meshes.tp_group)
         if layout.pp == 1:
             return math.sqrt(float(sq(self.replicated)) + float(split_sq) + float(expert_sq))
         stage_sq = sq(self.replicated) + split_sq + expert_sq  # identical on every rank of the stage
-        dist.all_reduce(stage_sq, op=dist.ReduceOp.SUM, group=self.meshes.pp_group)
+        links.all_reduce(stage_sq, op=dist.ReduceOp.SUM, group=self.meshes.pp_group)
         return math.sqrt(float(stage_sq))
 
     @torch.no_grad()

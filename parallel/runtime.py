@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from config import ConfigError
 from moe.config import ModelConfig
+from parallel import emulated_links
 from parallel.comm import CommStats
 from parallel.config import ParallelConfig, check_pipeline, check_runtime_support
 from parallel.data_parallel import GradReducer, local_grad_norm
@@ -75,9 +77,14 @@ class ParallelRuntime:
     @classmethod
     def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu",
               micro_batches: Optional[int] = None) -> "ParallelRuntime":
+        if cfg.emulate_links is not None and device != "cpu":
+            raise ConfigError(f"parallel.emulate_links: emulated links delay gloo collectives on CPU, not {device}'s; "
+                              "remove emulate_links or set train.device: cpu")
         layout = validate_layout(cfg, model, dist.get_world_size(), micro_batches)
         nodes = cfg.dispatcher == "hierarchical" and layout.ep > 1
         meshes = Meshes.build(layout, device, nodes=nodes)
+        # Every runtime collective is timed (exposure metrics), and delayed when links are emulated.
+        emulated_links.install(cfg.emulate_links, layout.node_of, dist.get_rank())
         return cls(cfg, layout, meshes, CommStats(dist.get_rank(), layout.node_of), device)
 
     @property
@@ -108,7 +115,10 @@ class ParallelRuntime:
         return PipelineModel(model, kernels, stage_plan(self.cfg, model), self.pp_rank)
 
     def attach_pipeline(self, model: nn.Module, micro_batches: int, micro_batch_size: int, seq_len: int) -> None:
-        """Create the pipeline schedule for `model` (after `parallelize`); no-op without pp."""
+        """Create the pipeline schedule for `model` (after `parallelize`); no-op without pp.
+        Also tells the overlapped gradient reduction how many backward passes make one step."""
+        if self.grad_reducer is not None:
+            self.grad_reducer.set_micro_batches(micro_batches)
         if isinstance(model, PipelineModel):
             from parallel.pipeline_schedule import PipelineRunner
             self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
@@ -136,7 +146,8 @@ class ParallelRuntime:
             model.embedding_copy or (model.has_first and model.cfg.mtp_layers + model.cfg.tie_embeddings > 0)) else None
         counted = not (isinstance(model, PipelineModel) and model.embedding_copy)
         self.grad_reducer = GradReducer(model, self.meshes, self.expert_param_names, tp.shards, tp.partial,
-                                        shared_embedding=shared, embedding_counted=counted)
+                                        shared_embedding=shared, embedding_counted=counted,
+                                        bucket_bytes=int(self.cfg.grad_bucket_mb * 2**20))
         return model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -146,6 +157,7 @@ class ParallelRuntime:
 
     def step_metrics(self) -> dict:
         out = step_metrics(self.stats, self.meshes, self.device)
+        out.update(emulated_links.exposure_metrics(self.device))
         if self.runner is not None:
             out.update(self.runner.step_metrics())
         return out

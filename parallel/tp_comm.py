@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from parallel.comm import all_gather_single
+from parallel import emulated_links as links
 
 
 def split_sizes(rows: int, parts: int) -> list[int]:
@@ -35,7 +35,7 @@ def _gather_rows(x: Tensor, sizes: list[int], group) -> Tensor:
     if x.shape[0] < m:
         x = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
     out = x.new_empty((len(sizes) * m, *x.shape[1:]))
-    all_gather_single(out, x, group=group)
+    links.all_gather_single(out, x, group=group)
     if all(s == m for s in sizes):
         return out
     return torch.cat([out[r * m:r * m + s] for r, s in enumerate(sizes)])
@@ -55,7 +55,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        links.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
 
 
@@ -63,7 +63,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         out = x.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        links.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.comm import all_gather_single
+from parallel import emulated_links as links
 from parallel.mesh import Meshes
 
 
@@ -67,7 +67,7 @@ class _Bucket:
         padded = self.shard.new_zeros(self.shard_len)
         padded[: self.hi - self.lo] = self.shard
         full = padded.new_empty(self.size * self.shard_len)
-        all_gather_single(full, padded, group=self.group)
+        links.all_gather_single(full, padded, group=self.group)
         offset = 0
         for p in self.params:
             p.copy_(full[offset:offset + p.numel()].view_as(p))

@@ -1,0 +1,253 @@
+"""Emulated links: make gloo on one CPU box behave like a cluster's fast and slow links, and time
+every collective the runtime issues (hidden behind compute vs exposed).
+
+Every collective of the runtime (token exchanges in comm.py, gradient reduction in
+data_parallel.py, ZeRO-1's all-gather in zero.py, TP's in tp_comm.py) goes through the wrappers
+below. Under `parallel.emulate_links` a collective is issued asynchronously and its `wait()` returns
+no earlier than issue time + the time its bytes take on the links: the real work is waited for,
+then the thread *sleeps* to the deadline (no busy loop, so compute of other ranks sharing the
+cores is not slowed). A collective waited for at once (synchronous) is charged in full; one
+waited for later is hidden by whatever ran in between. Skew between ranks is not added on top of
+the link time (a late peer shows up as real waiting in gloo anyway).
+
+Link model: the simulator's (simulator/comm.py), so a prediction and an emulated run describe the
+same cluster (tests/test_emulated_links.py checks the two agree collective by collective):
+- all-gather / reduce-scatter of a full buffer of S bytes over n ranks: ring, (n-1)/n * S sent in
+  n-1 steps; all-reduce twice that in 2 (n-1) steps; a group spanning nodes runs at the inter-node
+  link (latency and bandwidth), otherwise the intra-node one;
+- all-to-all: bytes to peers on this node over the intra-node link, the rest over the inter-node
+  link, concurrently: max(intra / bw_intra, inter / bw_inter) + ceil(log2 n) latency steps (the
+  count exchange before a split exchange: one step). With uneven splits the larger of what this
+  rank sends and receives on each link class (full duplex links);
+- P2P: bytes / bw + one latency of the link between the two ranks.
+
+Without emulation the wrappers still record each collective's timestamps (issue, wait, done) for
+the step's exposure metrics; `install(None, ...)` keeps only that, `uninstall()` removes both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch.distributed as dist
+
+from parallel.config import EmulateLinks
+
+_SPLIT_STEPS = {"counts": 1}  # latency steps of an all-to-all kind other than ceil(log2 n)
+
+
+@dataclass
+class Exposure:
+    """Seconds of communication in flight while other work ran (hidden) and while this rank waited
+    for it (exposed), since the last `take`."""
+    hidden_s: float = 0.0
+    exposed_s: float = 0.0
+    charged_s: float = 0.0  # emulated link time of the collectives (0 without emulation)
+    count: int = 0
+    by_kind: dict = field(default_factory=dict)  # kind -> [hidden_s, exposed_s]
+
+    def add(self, kind: str, hidden: float, exposed: float, charged: float) -> None:
+        self.hidden_s += hidden
+        self.exposed_s += exposed
+        self.charged_s += charged
+        self.count += 1
+        acc = self.by_kind.setdefault(kind, [0.0, 0.0])
+        acc[0] += hidden
+        acc[1] += exposed
+
+
+@dataclass
+class _State:
+    links: Optional[EmulateLinks]
+    node_of: Callable[[int], int]
+    rank: int
+    ledger: Exposure = field(default_factory=Exposure)
+
+
+_state: Optional[_State] = None
+
+
+def install(links: Optional[EmulateLinks], node_of: Callable[[int], int], rank: int) -> None:
+    """Route this process's runtime collectives through the emulated links (`links` None: only
+    time them). Replaces any earlier installation."""
+    global _state
+    _state = _State(links, node_of, rank)
+
+
+def uninstall() -> None:
+    global _state
+    _state = None
+
+
+def take_exposure() -> Optional[Exposure]:
+    """This rank's exposure since the last call (None when nothing is installed), and reset."""
+    if _state is None:
+        return None
+    out, _state.ledger = _state.ledger, Exposure()
+    return out
+
+
+# --- the link model --------------------------------------------------------------------------
+
+_RANKS: dict = {}
+
+
+def _ranks(group) -> tuple[int, ...]:
+    key = group if group is not None else dist.group.WORLD
+    if key not in _RANKS:
+        _RANKS[key] = tuple(dist.get_process_group_ranks(key))
+    return _RANKS[key]
+
+
+def _spans(ranks, node_of) -> bool:
+    return len({node_of(r) for r in ranks}) > 1
+
+
+def ring_time(full_bytes: float, ranks, node_of, links: EmulateLinks, passes: int = 1) -> float:
+    """All-gather / reduce-scatter (passes 1) or all-reduce (passes 2) of a full buffer."""
+    n = len(ranks)
+    if n <= 1 or full_bytes <= 0:
+        return 0.0
+    link = links.inter_node if _spans(ranks, node_of) else links.intra_node
+    steps = passes * (n - 1)
+    return steps / n * full_bytes / (link.bandwidth_gbps * 1e9) + steps * link.latency_us * 1e-6
+
+
+def all_to_all_time(send_per_peer, recv_per_peer, ranks, me: int, node_of, links: EmulateLinks,
+                    steps: Optional[int] = None) -> float:
+    """Bytes this rank sends to / receives from each group member (group-rank order)."""
+    n = len(ranks)
+    if n <= 1:
+        return 0.0
+    mine = node_of(me)
+    by_class = {True: [0.0, 0.0], False: [0.0, 0.0]}  # same node? -> [sent, received]
+    for peer, s, r in zip(ranks, send_per_peer, recv_per_peer):
+        if peer != me:
+            acc = by_class[node_of(peer) == mine]
+            acc[0] += s
+            acc[1] += r
+    intra, inter = max(by_class[True]), max(by_class[False])
+    spans = _spans(ranks, node_of)
+    lat = (links.inter_node if spans else links.intra_node).latency_us * 1e-6
+    steps = max(1, math.ceil(math.log2(n))) if steps is None else steps
+    return max(intra / (links.intra_node.bandwidth_gbps * 1e9),
+               inter / (links.inter_node.bandwidth_gbps * 1e9)) + steps * lat
+
+
+def p2p_time(nbytes: float, a: int, b: int, node_of, links: EmulateLinks) -> float:
+    if nbytes <= 0:
+        return 0.0
+    link = links.inter_node if node_of(a) != node_of(b) else links.intra_node
+    return nbytes / (link.bandwidth_gbps * 1e9) + link.latency_us * 1e-6
+
+
+# --- delayed, timed work -----------------------------------------------------------------------
+
+class _Timed:
+    """Wraps a gloo Work: `wait()` waits for it, sleeps to the emulated deadline, and records how
+    long it was in flight before the wait (hidden) and how long the wait blocked (exposed)."""
+
+    def __init__(self, work, kind: str, issued: float, charged: float, state: _State):
+        self.work, self.kind, self.issued, self.charged, self.state = work, kind, issued, charged, state
+        self.done_at: Optional[float] = None  # when gloo really finished, where its future says
+        self._waited = False
+        try:
+            work.get_future().then(self._mark_done)
+        except RuntimeError:  # gloo's reduce-scatter has no future; the deadline stands in
+            pass
+
+    def _mark_done(self, _fut) -> None:
+        self.done_at = time.monotonic()
+
+    def wait(self, at_issue: bool = False) -> bool:
+        if self._waited:
+            return True
+        self._waited = True
+        start = self.issued if at_issue else time.monotonic()  # synchronous: all of it is exposed
+        self.work.wait()
+        deadline = self.issued + self.charged
+        now = time.monotonic()
+        if deadline > now:
+            time.sleep(deadline - now)  # the emulated link is still busy: sleep, never spin
+            now = time.monotonic()
+        done = max(deadline, self.done_at if self.done_at is not None else self.issued)
+        hidden = max(0.0, min(start, done) - self.issued)
+        if self.state is _state:  # a run installed since then has its own ledger
+            self.state.ledger.add(self.kind, hidden, now - start, self.charged)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._waited or (self.work.is_completed() and time.monotonic() >= self.issued + self.charged)
+
+
+def _issue(kind: str, launch: Callable, cost: Callable[[_State], float], async_op: bool):
+    state = _state
+    if state is None:
+        return launch(async_op)
+    issued = time.monotonic()
+    work = launch(True)
+    timed = _Timed(work, kind, issued, cost(state) if state.links is not None else 0.0, state)
+    if async_op:
+        return timed
+    timed.wait(at_issue=True)
+    return None
+
+
+# --- the wrappers: dist's signatures, the runtime's collectives --------------------------------
+
+# Newer torch renamed the single-tensor all-gather / reduce-scatter (the old names now warn); older
+# torch (the project allows >= 2.6) has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_to_all_single(out, inp, out_splits=None, in_splits=None, group=None, async_op=False, kind="all_to_all"):
+    def cost(s: _State) -> float:
+        ranks = _ranks(group)
+        n = len(ranks)
+        row_in = _nbytes(inp) / max(1, inp.shape[0]) if inp.dim() else _nbytes(inp)
+        row_out = _nbytes(out) / max(1, out.shape[0]) if out.dim() else _nbytes(out)
+        send = [r * row_in for r in in_splits] if in_splits else [_nbytes(inp) / n] * n
+        recv = [r * row_out for r in out_splits] if out_splits else [_nbytes(out) / n] * n
+        return all_to_all_time(send, recv, ranks, s.rank, s.node_of, s.links, _SPLIT_STEPS.get(kind))
+    return _issue(kind, lambda a: dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=a),
+                  cost, async_op)
+
+
+def all_gather_single(out, inp, group=None, async_op=False):
+    return _issue("all_gather", lambda a: _all_gather_single(out, inp, group=group, async_op=a),
+                  lambda s: ring_time(_nbytes(out), _ranks(group), s.node_of, s.links), async_op)
+
+
+def reduce_scatter_single(out, inp, group=None, async_op=False):
+    return _issue("reduce_scatter", lambda a: _reduce_scatter_single(out, inp, group=group, async_op=a),
+                  lambda s: ring_time(_nbytes(inp), _ranks(group), s.node_of, s.links), async_op)
+
+
+def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False, kind="all_reduce"):
+    return _issue(kind, lambda a: dist.all_reduce(t, op=op, group=group, async_op=a),
+                  lambda s: ring_time(_nbytes(t), _ranks(group), s.node_of, s.links, passes=2), async_op)
+
+
+def exposure_metrics(device: str = "cpu") -> dict:
+    """The step's communication seconds hidden behind compute vs exposed (waited for), mean over
+    ranks, and the hidden fraction; resets the ledger. A collective over the world (plain, not
+    emulated): every rank must call it."""
+    import torch
+    mine = take_exposure() or Exposure()
+    t = torch.tensor([mine.hidden_s, mine.exposed_s, mine.charged_s],
+                     dtype=torch.float64 if device == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    hidden, exposed, charged = (float(v) / dist.get_world_size() for v in t.tolist())
+    total = hidden + exposed
+    out = {"comm_hidden_s": hidden, "comm_exposed_s": exposed, "comm_emulated_s": charged,
+           "comm_hidden_fraction": hidden / total if total > 0 else 0.0}
+    if charged > 0:  # in-flight time includes waiting for late peers; this counts link time only
+        out["comm_link_hidden_fraction"] = max(0.0, 1.0 - exposed / charged)
+    return out
