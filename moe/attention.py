@@ -36,22 +36,39 @@ class MLA(nn.Module):
         self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
+        q_in, kv_latent, k_rope = self.latents(x_BSD)
+        out = self.up_attend(q_in, kv_latent, k_rope)
         b, s, _ = x_BSD.shape
+        return self.wo(out.reshape(b, s, self.cfg.num_heads * self.cfg.v_head_dim))
+
+    # forward is split into units that parallel/memory.py may recompute or swap separately
+    def latents(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Down-projections: the q latent (or, without q_lora_rank, q itself), the KV latent, the rope key."""
+        cfg = self.cfg
+        q_in = self.wq_a(x_BSD) if cfg.q_lora_rank > 0 else self.wq(x_BSD)
+        kv_latent, k_rope = self.wkv_a(x_BSD).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        return q_in, kv_latent, k_rope
+
+    def up_attend(self, q_in: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Up-projections, RoPE and the core attention: [B, S, H, v_head_dim]."""
+        cfg = self.cfg
+        b, s, _ = q_in.shape
         h = cfg.num_heads
-        q = self.wq_b(self.q_norm(self.wq_a(x_BSD))) if cfg.q_lora_rank > 0 else self.wq(x_BSD)
+        q = self.wq_b(self.q_norm(q_in)) if cfg.q_lora_rank > 0 else q_in
         q_nope, q_rope = q.view(b, s, h, cfg.qk_head_dim).split(
             [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        kv_latent, k_rope = self.wkv_a(x_BSD).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         kv = self.wkv_b(self.kv_norm(kv_latent)).view(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        k_rope = self.rope(k_rope.view(b, s, 1, cfg.qk_rope_head_dim)).expand(b, s, h, cfg.qk_rope_head_dim)
+        k_rope = self.rope(k_rope.reshape(b, s, 1, cfg.qk_rope_head_dim)).expand(b, s, h, cfg.qk_rope_head_dim)
         q = torch.cat([q_nope, self.rope(q_rope)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
+        return self.core_attention(q, k, v)
+
+    def core_attention(self, q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, scale=1.0 / math.sqrt(cfg.qk_head_dim))
-        return self.wo(out.transpose(1, 2).reshape(b, s, h * cfg.v_head_dim))
+            q_BSHD.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2),
+            is_causal=True, scale=1.0 / math.sqrt(self.cfg.qk_head_dim))
+        return out.transpose(1, 2)
 
 
 class GQA(nn.Module):
@@ -77,9 +94,13 @@ class GQA(nn.Module):
         if hkv != h:
             k = k.repeat_interleave(h // hkv, dim=2)
             v = v.repeat_interleave(h // hkv, dim=2)
+        return self.wo(self.core_attention(q, k, v).reshape(b, s, h * hd))
+
+    def core_attention(self, q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
+        """A unit that parallel/memory.py may recompute or swap."""
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(b, s, h * hd))
+            q_BSHD.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2)
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

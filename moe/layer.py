@@ -32,9 +32,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         gmm = self.kernels.grouped_mm
-        w1, w3, w2 = (w.to(x_ND.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        h_NF = F.silu(gmm(x_ND, w1, tokens_per_expert)) * gmm(x_ND, w3, tokens_per_expert)
-        return gmm(h_NF, w2, tokens_per_expert)
+        w1, w3 = (w.to(x_ND.dtype) for w in (self.w1_EDF, self.w3_EDF))
+        return self.act_down(gmm(x_ND, w1, tokens_per_expert), gmm(x_ND, w3, tokens_per_expert), tokens_per_expert)
+
+    def act_down(self, a_NF: torch.Tensor, b_NF: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """The activation and down-projection: a unit that parallel/memory.py may recompute."""
+        h_NF = F.silu(a_NF) * b_NF
+        return self.kernels.grouped_mm(h_NF, self.w2_EFD.to(h_NF.dtype), tokens_per_expert)
 
 
 class MoELayer(nn.Module):

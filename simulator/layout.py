@@ -19,6 +19,7 @@ from typing import Literal, Optional
 from config import ConfigError
 from moe.config import ModelConfig
 from parallel.config import ParallelConfig
+from parallel.memory_config import MemoryConfig, simulator_policy
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Layout(ParallelConfig):
     micro_batch_size: int = 1  # sequences per micro-batch
     global_batch_size: int = 1  # sequences per optimizer step, over all data-parallel ranks
     seq_len: int = 4096
+    # coarse memory policy; `memory()` is the runtime MemoryConfig each value stands for
     recompute: Literal["none", "selective", "full"] = "none"
     swap: bool = False  # swap selected activations to host memory, prefetch for backward
     optimizer_offload: bool = False  # optimizer states and step on the host
@@ -43,6 +45,12 @@ class Layout(ParallelConfig):
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"{p}vpp: interleaved stages need pp > 1; set vpp: 1 or raise pp")
+        self.memory()  # the coarse policy must name a runtime config
+
+    def memory(self) -> MemoryConfig:
+        """The runtime's `memory:` section this layout's recompute/swap/offload fields stand for
+        (parallel/memory_config.py holds the mapping, so both sides mean the same module kinds)."""
+        return simulator_policy(self.recompute, self.swap, self.optimizer_offload)
 
     def parallel(self, devices_per_node: int) -> ParallelConfig:
         """The runtime's `parallel:` section for this layout (`devices_per_node` fills an unset one)."""

@@ -9,6 +9,7 @@ from typing import Literal
 from config import ConfigError, apply_overrides, from_dict, load_yaml
 from moe.config import ModelConfig, model_section
 from parallel.config import ParallelConfig
+from parallel.memory_config import MemoryConfig
 
 
 @dataclass
@@ -141,8 +142,13 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # recompute, swap, optimizer offload
 
     def validate(self, path: str = "") -> None:
+        par = self.parallel  # layers of the largest pipeline stage: full_layers counts per stage
+        per_stage = (max(par.pp_stage_layers) if par.pp_stage_layers else
+                     -(-(self.model.num_layers + self.model.noop_layers) // (par.pp * par.vpp)))
+        self.memory.check_model(self.model, per_stage)
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten seq_len or raise max_seq_len")

@@ -11,6 +11,7 @@ slice of the global batch. The training loop (loop.py) and the simulator's valid
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -25,6 +26,8 @@ from moe.accounting import model_flops_per_token
 from moe.model import MoETransformer
 from parallel.config import check_pipeline
 from parallel.device import Peak, device_peak, resolve_device_type
+from parallel.memory import MemoryManager, apply_memory
+from parallel.offload import offload_optimizer
 from parallel.runtime import Runtime
 
 
@@ -81,6 +84,7 @@ class TrainingContext:
     train_it: Iterator[dict]
     valid_it: Callable[[], Iterator[dict]]
     log: bool
+    memory: Optional[MemoryManager] = None  # recompute/swap applied to the model; memory metrics
 
     @property
     def tokens_per_step(self) -> int:
@@ -96,9 +100,13 @@ class TrainingContext:
         t = self.recipe.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        return train_step(self.model, self.optimizer, self.train_it, t, self.device,
-                          grad_reducer=self.runtime.grad_reducer, check_step=check_step,
-                          pipeline=self.runtime.forward_backward)
+        with self.memory.step(self.model) if self.memory is not None else contextlib.nullcontext():
+            m = train_step(self.model, self.optimizer, self.train_it, t, self.device,
+                           grad_reducer=self.runtime.grad_reducer, check_step=check_step,
+                           pipeline=self.runtime.forward_backward)
+        if self.memory is not None:
+            m.update(self.memory.metrics(self.model, self.optimizer))
+        return m
 
     def global_metrics(self, m: dict) -> dict:
         """`m` with the global-batch losses, and the bytes and tokens the dispatchers moved."""
@@ -142,7 +150,10 @@ def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -
     runtime.attach_pipeline(model, t.grad_accum, t.micro_batch_size, t.seq_len)
     if log and getattr(runtime.layout, "pp", 1) > 1:
         _log_param_bytes(model, runtime)
+    memory = apply_memory(model, recipe.memory, device)  # from outside the model, after sharding
     optimizer = runtime.wrap_optimizer(build_optimizer(model, t), model)
+    if recipe.memory.optimizer_offload:  # after ZeRO-1: each rank offloads its own shard
+        optimizer = offload_optimizer(optimizer, recipe.memory)
     train_it, valid_it = build_data(recipe, rank=runtime.dp_rank, world=runtime.dp_size)
     return TrainingContext(recipe, runtime, device, peak, model, optimizer, train_it, valid_it,
-                           log=log and runtime.is_main)
+                           log=log and runtime.is_main, memory=memory)
