@@ -5,7 +5,10 @@ logical tensor as the first stage's), so the checkpoint loads under any other la
 Saved after SAVE_AT steps under world 4 = pp2 x ep2 with ZeRO-1 (every stage's states sharded over
 its data-parallel ranks). Loaded under: world 4 = ep4 without a pipeline (dp 4, grad_accum 2), world
 2 = pp2 x vpp2 (other stage boundaries: one chunk of two layers becomes two chunks of one), and one
-process (grad_accum 8). All train the same global batch of 8 micro-batches per step; the reference
+process (grad_accum 8). A second checkpoint, saved under world 4 = pp4 (one layer per rank, the
+embedding copy on rank 3), resumes under world 4 = pp2 x vpp2 x dp2 with ZeRO-1: every rank then
+gathers its two chunks from two saving ranks, and moments saved whole come back as ZeRO shards.
+All train the same global batch of 8 micro-batches per step; the reference
 is one process training every step with `train_step`. The resumed losses must stay within 1e-5
 (relative) of the uninterrupted run, which they do only if weights, AdamW moments, step counters
 and router biases were restored.
@@ -125,3 +128,20 @@ def test_pp_checkpoint_resumes_in_one_process(saved):
     finally:
         torch.set_num_threads(threads)
     _close(losses, reference()[SAVE_AT:])
+
+
+@pytest.fixture(scope="module")
+def saved_pp4(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("pp4-ckpt") / "ckpt")
+    for losses in run_distributed(_rank, 4, dict(pp=4), d, False, 0, SAVE_AT, timeout=240):
+        _close(losses, reference()[:SAVE_AT])
+    return d
+
+
+@pytest.mark.timeout(300)
+def test_pp4_checkpoint_resumes_under_pp2_vpp2(saved_pp4):
+    # pp4's rank r held layer r; under pp2 x vpp2 rank 0 holds layers 0 and 2, rank 1 layers 1 and 3
+    # (virtual stage s = chunk * pp + rank), each replicated over dp2 with ZeRO-1 moments.
+    out = run_distributed(_rank, 4, dict(pp=2, vpp=2, zero1=True), saved_pp4, True, SAVE_AT, STEPS, timeout=240)
+    for losses in out:
+        _close(losses, reference()[SAVE_AT:])
