@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, from_dict
+from config import ConfigError, from_dict, load_yaml
 from moe.config import ModelConfig, load_model_config
 from simulator.cli import main
 from simulator.cost import SimOptions, Simulator
@@ -138,8 +138,11 @@ def test_cli_estimate_search_and_errors(tmp_path, capsys):
 def test_yaml_configs_load():
     assert load_model_config(ROOT / "configs" / "models" / "pangu_ultra_moe_718b.yaml").num_layers == 61
     from simulator.validate import load_validate_config
+    from simulator.validate_models import ModelCheckConfig
     for p in (ROOT / "configs" / "simulator").glob("*.yaml"):
-        if p.name.startswith("validate"):
+        if p.name.startswith("validate_models"):
+            assert from_dict(ModelCheckConfig, load_yaml(p), "model check").best > 0
+        elif p.name.startswith("validate"):
             assert load_validate_config(p).cases
         else:
             load_sim_recipe(p)
