@@ -99,8 +99,9 @@ def _bytes(tensors) -> int:
 
 def optimizer_bytes(optimizer) -> tuple[int, int]:
     """(device, host) bytes of optimizer state; host-side optimizers say theirs (parallel/offload.py)."""
-    if hasattr(optimizer, "state_bytes"):
-        return optimizer.state_bytes()
+    for opt in (optimizer, getattr(optimizer, "inner", None)):  # ZeRO-1 offloads its inner optimizer
+        if hasattr(opt, "state_bytes"):
+            return opt.state_bytes()
     state = optimizer.state
     return _bytes(t for s in state.values() for t in s.values() if torch.is_tensor(t)), 0
 

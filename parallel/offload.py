@@ -12,6 +12,8 @@ more than one chunk of conversion temporaries at once, however large the paramet
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 from torch import nn
 
@@ -25,6 +27,31 @@ def _host_optimizer(kind: str, groups: list[dict], like: torch.optim.Optimizer) 
         return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
                                 weight_decay=d["weight_decay"], adamw_mode=True)
     return type(like)(groups)  # every hyper-parameter (fused included) travels in the groups
+
+
+class _GroupView(MutableMapping):
+    """A host param group seen from the trainer and the checkpoint code: its `params` are the
+    device parameters; every other key (lr, ...) reads and writes the host optimizer's group."""
+
+    def __init__(self, group: dict, params: list):
+        self.group, self.params = group, params
+
+    def __getitem__(self, key):
+        return self.params if key == "params" else self.group[key]
+
+    def __setitem__(self, key, value):
+        if key == "params":
+            raise KeyError("params of an offloaded optimizer group are fixed")
+        self.group[key] = value
+
+    def __delitem__(self, key):
+        del self.group[key]
+
+    def __iter__(self):
+        return iter(self.group)
+
+    def __len__(self):
+        return len(self.group)
 
 
 class HostOffloadOptimizer:
@@ -48,10 +75,13 @@ class HostOffloadOptimizer:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": masters})
         self.inner = _host_optimizer(kind, groups, optimizer)
         self.backend = type(self.inner).__name__
+        self._groups = [_GroupView(g, list(orig["params"])) for g, orig in zip(self.inner.param_groups,
+                                                                              optimizer.param_groups)]
+        self._versions = [p._version for p, _ in self.pairs]
 
     @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
+    def param_groups(self) -> list:
+        return self._groups
 
     @property
     def state(self) -> dict:
@@ -66,13 +96,16 @@ class HostOffloadOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, m in self.pairs:
+        for i, (p, m) in enumerate(self.pairs):
+            if p._version != self._versions[i]:  # written since our copy-back (a checkpoint load)
+                m.copy_(p.detach())
             m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32, non_blocking=True)
         if any(p.device.type == "cuda" for p, _ in self.pairs):
             torch.cuda.synchronize()  # the gradient copies are complete before the host step reads them
         self.inner.step()
         for p, m in self.pairs:
             self._copy_back(p, m)
+        self._versions = [p._version for p, _ in self.pairs]
 
     def _copy_back(self, p: torch.Tensor, m: torch.Tensor) -> None:
         step = max(1, self.chunk_bytes // max(1, p.element_size()))
@@ -85,6 +118,7 @@ class HostOffloadOptimizer:
         """Copy the device parameters into the host masters (after a checkpoint loaded them)."""
         for p, m in self.pairs:
             m.copy_(p.detach())
+        self._versions = [p._version for p, _ in self.pairs]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p, m in self.pairs:
@@ -107,6 +141,12 @@ def offload_optimizer(optimizer, cfg: MemoryConfig):
     from parallel.zero import ZeroOptimizer
     chunk = int(cfg.offload_chunk_mb * 2**20)
     if isinstance(optimizer, ZeroOptimizer):
-        optimizer.inner = HostOffloadOptimizer(optimizer.inner, chunk, cfg.host_optimizer)
+        host = optimizer.inner = HostOffloadOptimizer(optimizer.inner, chunk, cfg.host_optimizer)
+        reload = optimizer.reload_shards
+
+        def reload_shards():  # a checkpoint refilled the shards: the host masters follow
+            reload()
+            host.refresh_masters()
+        optimizer.reload_shards = reload_shards
         return optimizer
     return HostOffloadOptimizer(optimizer, chunk, cfg.host_optimizer)
