@@ -4,7 +4,8 @@ Each op is a `torch.autograd.Function` whose backward is the adjoint collective 
 reverse all-to-all, all-gather -> reduce-scatter and back). Forward ops can run asynchronously: they
 return the output buffer and a `Handle`; the buffer is only valid after `Handle.wait()`, which is
 what lets the MoE layer compute the shared expert while tokens are in flight. Backward runs
-synchronously (the autograd engine needs its result at once).
+synchronously (the autograd engine needs its result at once). Every exchange goes through
+parallel/emulated_links.py (timed; delayed under `parallel.emulate_links`).
 
 `CommStats` counts the logical payload each rank sends to each peer (what the collective has to
 deliver, independent of its algorithm), split by whether the peer is on the same node.

@@ -2,8 +2,8 @@
 every collective the runtime issues (hidden behind compute vs exposed).
 
 Every collective of the runtime (token exchanges in comm.py, gradient reduction in
-data_parallel.py, ZeRO-1's all-gather in zero.py, TP's in tp_comm.py) goes through the wrappers
-below. Under `parallel.emulate_links` a collective is issued asynchronously and its `wait()` returns
+data_parallel.py, ZeRO-1's all-gather in zero.py, TP's in tp_comm.py, the pipeline schedules'
+sends and receives through `patch_pipeline_p2p`) goes through the wrappers below. Under `parallel.emulate_links` a collective is issued asynchronously and its `wait()` returns
 no earlier than issue time + the time its bytes take on the links: the real work is waited for,
 then the thread *sleeps* to the deadline (no busy loop, so compute of other ranks sharing the
 cores is not slowed). A collective waited for at once (synchronous) is charged in full; one
@@ -233,6 +233,33 @@ def reduce_scatter_single(out, inp, group=None, async_op=False):
 def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False, kind="all_reduce"):
     return _issue(kind, lambda a: dist.all_reduce(t, op=op, group=group, async_op=a),
                   lambda s: ring_time(_nbytes(t), _ranks(group), s.node_of, s.links, passes=2), async_op)
+
+
+def _timed_batch_p2p(original):
+    """torch.distributed.pipelining's `_batch_p2p` (the schedules' one way to issue sends and
+    receives), with the batch charged as P2P on the link to its slowest peer."""
+    def batch_p2p(p2p_ops, desc=None):
+        state, issued = _state, time.monotonic()
+        works = original(p2p_ops, desc)
+        if state is None or state.links is None or not works:
+            return works
+        per_peer: dict[int, int] = {}
+        for op in p2p_ops:
+            per_peer[op.peer] = per_peer.get(op.peer, 0) + _nbytes(op.tensor)
+        charged = max(p2p_time(n, state.rank, peer, state.node_of, state.links) for peer, n in per_peer.items())
+        # the schedule waits for every work of the batch: the last one carries the link time
+        return [_Timed(w, "p2p", issued, charged if i == len(works) - 1 else 0.0, state) for i, w in enumerate(works)]
+    batch_p2p.emulated = True
+    return batch_p2p
+
+
+def patch_pipeline_p2p() -> None:
+    """Route the pipeline schedules' P2P through the emulated links (idempotent; call once the
+    schedules are imported: `ParallelRuntime.attach_pipeline` does). Without emulation it passes
+    the works through untouched."""
+    from torch.distributed.pipelining import schedules
+    if not getattr(schedules._batch_p2p, "emulated", False):
+        schedules._batch_p2p = _timed_batch_p2p(schedules._batch_p2p)
 
 
 def exposure_metrics(device: str = "cpu") -> dict:

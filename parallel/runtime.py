@@ -121,6 +121,7 @@ class ParallelRuntime:
             self.grad_reducer.set_micro_batches(micro_batches)
         if isinstance(model, PipelineModel):
             from parallel.pipeline_schedule import PipelineRunner
+            emulated_links.patch_pipeline_p2p()
             self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
                                          seq_len, self.device)
 
