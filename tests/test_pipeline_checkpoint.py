@@ -16,6 +16,8 @@ and router biases were restored.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,8 +70,9 @@ def reference() -> list[float]:
         torch.set_num_threads(threads)
 
 
-def _rank(par: dict, ckpt_dir: str, load: bool, first: int, last: int) -> list[float]:
-    """Build layout `par`, optionally load, train steps [first, last) with train_step, maybe save."""
+def _rank(par: dict, ckpt_dir: str, load: bool, first: int, last: int, save_dir: str = "") -> list[float]:
+    """Build layout `par`, optionally load, train steps [first, last) with train_step, then save
+    (into `ckpt_dir` after a fresh start, into `save_dir`, if given, after a load)."""
     from parallel.config import ParallelConfig
     from parallel.runtime import ParallelRuntime
     cfg = ModelConfig(**MODEL)
@@ -88,10 +91,18 @@ def _rank(par: dict, ckpt_dir: str, load: bool, first: int, last: int) -> list[f
         m = train_step(model, opt, it, train_config(grad_accum), "cpu", grad_reducer=rt.grad_reducer,
                        pipeline=rt.forward_backward)
         losses.append(rt.mean_over_dp({"loss": m["loss"]})["loss"])
-    if not load:
-        ck.save(last, model, opt, {"tokens": last * MICRO * MBS * SEQ})
+    if not load or save_dir:
+        out = Checkpointer(CheckpointConfig(), save_dir, runtime=rt, log=False) if load else ck
+        out.save(last, model, opt, {"tokens": last * MICRO * MBS * SEQ})
+        out.close()
     ck.close()
     return losses
+
+
+def _recorded_layout(ckpt_dir: str) -> dict:
+    """The layout meta.json records for the newest checkpoint under `ckpt_dir`."""
+    newest = Checkpointer(CheckpointConfig(), ckpt_dir, log=False).latest()
+    return json.loads((Path(newest) / "meta.json").read_text())["layout"]
 
 
 def _close(got: list, want: list) -> None:
@@ -119,7 +130,9 @@ def test_pp_checkpoint_resumes_in_one_process(saved):
     torch.manual_seed(SEED)
     model = MoETransformer(ModelConfig(**MODEL), get_kernels("fast"))
     opt = adamw(model)
-    assert Checkpointer(CheckpointConfig(), saved, log=False).load(model, opt)["step"] == SAVE_AT
+    info = Checkpointer(CheckpointConfig(), saved, log=False).load(model, opt)
+    assert info["step"] == SAVE_AT
+    assert info["layout"] == {"tp": 1, "pp": 2, "vpp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "zero1": True}
     it = iter(micro_batches(1, 0)[SAVE_AT * MICRO:])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -135,13 +148,17 @@ def saved_pp4(tmp_path_factory) -> str:
     d = str(tmp_path_factory.mktemp("pp4-ckpt") / "ckpt")
     for losses in run_distributed(_rank, 4, dict(pp=4), d, False, 0, SAVE_AT, timeout=240):
         _close(losses, reference()[:SAVE_AT])
+    assert _recorded_layout(d) == {"tp": 1, "pp": 4, "vpp": 1, "ep": 1, "etp": 1, "dp": 1, "edp": 1, "zero1": False}
     return d
 
 
 @pytest.mark.timeout(300)
-def test_pp4_checkpoint_resumes_under_pp2_vpp2(saved_pp4):
+def test_pp4_checkpoint_resumes_under_pp2_vpp2(saved_pp4, tmp_path):
     # pp4's rank r held layer r; under pp2 x vpp2 rank 0 holds layers 0 and 2, rank 1 layers 1 and 3
     # (virtual stage s = chunk * pp + rank), each replicated over dp2 with ZeRO-1 moments.
-    out = run_distributed(_rank, 4, dict(pp=2, vpp=2, zero1=True), saved_pp4, True, SAVE_AT, STEPS, timeout=240)
+    again = str(tmp_path / "ckpt")  # the resumed run saves too: its meta.json records vpp 2
+    out = run_distributed(_rank, 4, dict(pp=2, vpp=2, zero1=True), saved_pp4, True, SAVE_AT, STEPS, again,
+                          timeout=240)
     for losses in out:
         _close(losses, reference()[SAVE_AT:])
+    assert _recorded_layout(again) == {"tp": 1, "pp": 2, "vpp": 2, "ep": 1, "etp": 1, "dp": 2, "edp": 2, "zero1": True}

@@ -409,8 +409,12 @@ def _to_host(v):
 
 
 def _layout(runtime, optimizer) -> dict:
+    """The layout that wrote the checkpoint, for people and tools; loading never needs it (entries
+    are saved under the full model's names, so any layout loads them)."""
     lay = runtime.layout
-    return {"tp": lay.tp, "ep": lay.ep, "etp": lay.etp, "dp": lay.dp, "edp": lay.edp,
+    # vpp lives in the runtime's ParallelConfig; a one-process runtime (pp = 1) has none and no chunks
+    vpp = runtime.cfg.vpp if lay.pp > 1 else 1
+    return {"tp": lay.tp, "pp": lay.pp, "vpp": vpp, "ep": lay.ep, "etp": lay.etp, "dp": lay.dp, "edp": lay.edp,
             "zero1": isinstance(optimizer, ZeroOptimizer)}
 
 
