@@ -24,7 +24,7 @@ from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
 from simulator.layout import Derived, Layout, derive
-from parallel.layout import noop_placement
+from parallel.pipeline_layout import stage_sizes
 from simulator.schedule import BUSY_KINDS, Timeline, in_flight_per_chunk, simulate, step_breakdown
 
 GB = 2**30
@@ -91,23 +91,29 @@ class Simulator:
     # ------------------------------------------------------------------------------------------
     # stages
 
+    @staticmethod
+    def _stages_key(lay: Layout, d: Derived) -> tuple:
+        """The fields that decide which layers each virtual stage holds (cache keys)."""
+        explicit = tuple(lay.pp_stage_layers) if lay.pp_stage_layers is not None else None
+        return lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers, explicit
+
     def chunk_layers(self, lay: Layout, d: Derived) -> list[tuple]:
-        """Per virtual stage (index c * pp + rank): counts of each of `KINDS` it holds."""
-        key = ("layers", lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        """Per virtual stage (index c * pp + rank): counts of each of `KINDS` it holds. The layers
+        per stage come from the runtime's own rule (`stage_sizes`, explicit `pp_stage_layers`
+        included), so the costed stages are the ones the trainer builds."""
+        key = ("layers",) + self._stages_key(lay, d)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         cfg = self.model
-        n_stages = lay.pp * lay.vpp
-        noops = noop_placement(lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        sizes = stage_sizes(lay.pp, lay.vpp, cfg.num_layers, d.noop_layers, lay.pp_stage_layers)
         out = []
         layer = 0
-        for s in range(n_stages):
-            real = d.layers_per_chunk - noops[s]
+        for s, (real, noop) in enumerate(sizes):
             dense = max(0, min(real, cfg.first_k_dense - layer))
             layer += real
-            last = s == n_stages - 1
-            out.append((dense, real - dense, noops[s], int(s == 0), int(last), cfg.mtp_layers if last else 0))
+            last = s == len(sizes) - 1
+            out.append((dense, real - dense, noop, int(s == 0), int(last), cfg.mtp_layers if last else 0))
         self._cache[key] = out
         return out
 
@@ -174,7 +180,7 @@ class Simulator:
 
     def _structure(self, lay: Layout, d: Derived) -> tuple:
         """(chunk compositions per rank group, rank -> group, lowest rank of each group, group sizes)."""
-        key = ("structure", lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        key = ("structure",) + self._stages_key(lay, d)
         hit = self._cache.get(key)
         if hit is None:
             p, v = lay.pp, lay.vpp
@@ -197,7 +203,7 @@ class Simulator:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
                 lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
-        key = ("pipe", lkey, lay.pp, lay.vpp, d.layers_per_chunk, d.noop_layers)
+        key = ("pipe", lkey) + self._stages_key(lay, d)
         hit = self._cache.get(key)
         if hit is not None:
             return hit

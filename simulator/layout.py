@@ -18,7 +18,8 @@ from typing import Literal, Optional
 
 from config import ConfigError
 from moe.config import ModelConfig
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, check_pipeline
+from parallel.pipeline_layout import stage_sizes
 from parallel.memory_config import MemoryConfig, simulator_policy
 
 
@@ -93,7 +94,7 @@ class Derived:
     edp: int  # expert-data-parallel size: replicas of each expert
     micro_batches: int  # per pipeline, per step
     noop_layers: int  # model's own plus padding for stage balance
-    layers_per_chunk: int  # transformer layers (incl. no-op) per virtual stage
+    layers_per_chunk: int  # transformer layers (incl. no-op) per virtual stage; the largest one's with pp_stage_layers
     experts_per_rank: int
 
 
@@ -127,12 +128,15 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
     chunks = lay.pp * lay.vpp
     total = model.num_layers + model.noop_layers
     noop = model.noop_layers
-    if total % chunks:
+    if lay.pp_stage_layers is not None:  # explicit stages: the runtime's rules, nothing padded
+        check_pipeline(lay, model, path="layout")
+    elif total % chunks:
         if not pad_layers:
             raise ConfigError(f"layout.pp: {total} layers do not split into pp*vpp={chunks} equal stages; "
                               f"set model.noop_layers to {-total % chunks + model.noop_layers} or change pp/vpp")
         noop += -total % chunks
     return Derived(num_devices=num_devices, devices_per_node=dpn, dp=dp, ep=ep, etp=etp,
                    edp=side // (ep * etp), micro_batches=m, noop_layers=noop,
-                   layers_per_chunk=(model.num_layers + noop) // chunks,
+                   layers_per_chunk=max(r + n for r, n in stage_sizes(lay.pp, lay.vpp, model.num_layers, noop,
+                                                                      lay.pp_stage_layers)),
                    experts_per_rank=model.num_experts // ep)

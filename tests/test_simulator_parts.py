@@ -261,6 +261,44 @@ def test_noop_placement_balances_head_and_embedding():
     assert noop_placement(4, 1, 2, 0) == [0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("num_layers, par, heavier", [
+    (8, dict(pp_stage_layers=[6, 2]), 0),  # 4 + 4 by default
+    (8, dict(pp_stage_layers=[1, 7]), 1),
+    (8, dict(vpp=2, pp_stage_layers=[3, 1, 2, 2]), 0),  # rank 0 holds stages 0 and 2: 5 layers, rank 1 3
+    (7, dict(vpp=2), None),  # no list: one padded no-op layer, placed as the runtime places it
+])
+def test_simulator_stages_are_the_runtimes(num_layers, par, heavier):
+    """The simulator costs the stages the trainer builds: per virtual stage, its dense, MoE and no-op
+    layer counts equal those of the runtime's `stage_plan`, explicit `pp_stage_layers` included, and
+    an uneven list moves busy time onto the pipeline rank that got the extra layers."""
+    from parallel.config import ParallelConfig
+    from parallel.pipeline_layout import stage_plan
+    model = tiny(num_layers=num_layers, first_k_dense=1)
+    sim = Simulator(model, profile(), 2)
+
+    def costed(**fields):
+        lay = Layout(pp=2, global_batch_size=8, seq_len=16, **fields)
+        est = sim.estimate(lay)
+        d = est.derived
+        # the runtime, given the no-op layers the simulator padded with
+        plan = stage_plan(ParallelConfig(pp=lay.pp, vpp=lay.vpp, pp_stage_layers=lay.pp_stage_layers),
+                          replace(model, noop_layers=d.noop_layers))
+        slots = (num_layers + d.noop_layers) // (lay.pp * lay.vpp) if lay.pp_stage_layers is None else None
+        want = [(sum(i < model.first_k_dense for i in ls), sum(i >= model.first_k_dense for i in ls),
+                 slots - len(ls) if slots is not None else 0) for ls in plan.layers]
+        assert [c[:3] for c in sim.chunk_layers(lay, d)] == want
+        return est
+
+    est = costed(**par)
+    if heavier is not None:
+        equal = costed(vpp=par.get("vpp", 1))
+        lighter = 1 - heavier
+        assert est.stage_busy[heavier] > 1.2 * equal.stage_busy[heavier]
+        assert est.stage_busy[lighter] < 0.8 * equal.stage_busy[lighter]
+    else:
+        assert est.derived.noop_layers == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # layout rules
 
@@ -275,6 +313,7 @@ def test_noop_placement_balances_head_and_embedding():
     (dict(ep=2, dispatcher="local"), 4, "layout.dispatcher"),
     (dict(tp=2, seq_len=15), 4, "layout.seq_len"),
     (dict(ep=8), 4, "layout.ep"),  # 8 expert ranks on a 4-rank stage
+    (dict(pp=2, pp_stage_layers=[1, 1]), 4, "layout.pp_stage_layers"),  # 2 of 3 layers: the runtime's rule
 ])
 def test_layout_rules_name_the_field(changes, devices, field):
     lay = Layout(**{**dict(global_batch_size=24, seq_len=16), **changes})
