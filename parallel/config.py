@@ -2,7 +2,7 @@
 
 `ParallelConfig` is the one definition of a layout: the trainer reads it from a recipe's `parallel:`
 section, and the simulator's `Layout` (simulator/layout.py) is this class plus the fields only the
-simulator varies today (virtual stages, batch, recomputation and swap policy).
+simulator varies today (batch, recomputation and swap policy).
 
 `validate()` checks the fields on their own (from the YAML loader); `check_world()` checks the layout
 against a world size and a model shape. Both the trainer (before any process group is created) and

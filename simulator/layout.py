@@ -1,8 +1,8 @@
 """The parallel layout the simulator evaluates, its divisibility rules, and the quantities they imply.
 
 `Layout` is the runtime's `parallel.config.ParallelConfig` (the same fields, the same rules through
-`ParallelConfig.check_world`) plus what only the simulator varies today: virtual pipeline stages,
-micro-batching, recomputation, swapping and optimizer offload. Its defaults describe a large
+`ParallelConfig.check_world`, virtual pipeline stages included) plus what only the simulator
+varies today: micro-batching, recomputation, swapping and optimizer offload. Its defaults describe a large
 cluster run (ZeRO-1 and sequence parallelism on, devices per node from the hardware profile). So a
 simulated layout maps onto a runtime recipe's `parallel:` section field by field
 (`Layout.parallel()`), and a layout the trainer rejects is rejected here with the same message. The
@@ -29,7 +29,6 @@ class Layout(ParallelConfig):
     zero1: bool = True
     devices_per_node: Optional[int] = None  # None = the hardware profile's value
     # simulator-only: they move into ParallelConfig as the runtime gains each feature
-    vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B when > 1)
     micro_batch_size: int = 1  # sequences per micro-batch
     global_batch_size: int = 1  # sequences per optimizer step, over all data-parallel ranks
     seq_len: int = 4096
@@ -41,11 +40,9 @@ class Layout(ParallelConfig):
     def validate(self, path: str = "") -> None:
         super().validate(path)
         p = f"{path}." if path else ""
-        for name in ("vpp", "micro_batch_size", "global_batch_size", "seq_len"):
+        for name in ("micro_batch_size", "global_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
-        if self.vpp > 1 and self.pp == 1:
-            raise ConfigError(f"{p}vpp: interleaved stages need pp > 1; set vpp: 1 or raise pp")
         self.memory()  # the coarse policy must name a runtime config
 
     def memory(self) -> MemoryConfig:
