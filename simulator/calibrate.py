@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable
 import torch
 import yaml
 
-from simulator.comm import all_gather, all_reduce, all_to_all, reduce_scatter
+from simulator.calibrate_comm import fit_link, measure_collectives, measure_concurrency, rank_counts
 from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, CalibrationError, HardwareProfile, Link, MatmulEfficiency
 from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
 from config import ConfigError
@@ -108,137 +107,6 @@ def fit_attention(peak: float, eff: MatmulEfficiency, overhead: float,
         ideal = (1 + CORE_ATTN_BWD_FACTOR) * flops / (peak * eff(s, dq, s / 2))
         ratios.append(ideal / max(t - (1 + CORE_ATTN_BWD_FACTOR) * overhead, 1e-9))
     return float(min(2.0, max(0.01, statistics.geometric_mean(ratios))))
-
-
-# ----------------------------------------------------------------------------------------------
-# gloo collectives
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
-    """Each collective timed as a training step meets it: after a burst of compute (GEMMs and a
-    write over memory larger than the caches), into a freshly allocated output. Back-to-back
-    repeats of one collective on hot buffers ran 2-3x faster than the same exchange inside a step."""
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    evict = torch.empty(16 * 2**20)
-
-    def compute_burst():
-        for _ in range(4):
-            torch.mm(a, b)
-        evict.fill_(1.0)
-
-    try:
-        res = []
-        for nbytes in sizes:
-            n = max(world, nbytes // 4 // world * world)
-            buf = torch.randn(n)
-            shard = torch.randn(n // world)
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            ops = {"all_reduce": lambda: dist.all_reduce(buf),
-                   "all_gather": lambda: gather(torch.empty(n), shard),
-                   "reduce_scatter": lambda: scatter(torch.empty(n // world), buf),
-                   "all_to_all": lambda: dist.all_to_all_single(torch.empty(n), buf)}
-            for name, fn in ops.items():
-                times = []
-                for i in range(12):
-                    compute_burst()
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                res.append((name, world, n * 4, statistics.median(times[1:])))
-        if rank == 0:
-            queue.put(res)
-    finally:
-        dist.destroy_process_group()
-
-
-def rank_counts() -> tuple[int, ...]:
-    """World sizes to measure: 2, 4, 8 up to the core count (more ranks than cores measure the
-    scheduler, not the link); at least 2."""
-    cores = os.cpu_count() or 1
-    return tuple(w for w in (2, 4, 8) if w <= cores) or (2,)
-
-
-def measure_collectives(worlds=None, sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> list[tuple]:
-    import torch.multiprocessing as mp
-    worlds = worlds or rank_counts()
-    ctx = mp.get_context("spawn")
-    out = []
-    for world in worlds:
-        queue = ctx.SimpleQueue()
-        port = _free_port()
-        procs = [ctx.Process(target=_collective_worker, args=(r, world, port, list(sizes), queue))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        res = queue.get()
-        for p in procs:
-            p.join(timeout=60)
-        out += res
-    return out
-
-
-def _concurrency_worker(barrier, queue) -> None:
-    torch.set_num_threads(1)
-    probe = SpeedProbe()
-    probe.run()
-    samples = []
-    for _ in range(5):
-        barrier.wait()  # the ranks probe together, as they train together
-        samples.append(probe.run())
-    queue.put(samples)
-
-
-def measure_concurrency(worlds=(2,)) -> tuple[dict[int, float], list[float]]:
-    """How much ranks running at once on this machine slow one another (shared caches, memory
-    bandwidth, the hypervisor's cores): w -> the slowest rank's speed probe (`probe.py`) at w ranks
-    over the probe alone (medians of 5), in separate processes as torchrun's ranks are. Also returns
-    the probe samples taken alone, which the profile's baseline includes."""
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    res, alone = {}, []
-    for w in (1, *worlds):
-        barrier, queue = ctx.Barrier(w), ctx.SimpleQueue()
-        procs = [ctx.Process(target=_concurrency_worker, args=(barrier, queue)) for _ in range(w)]
-        for p in procs:
-            p.start()
-        out = [queue.get() for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-        res[w] = statistics.median(max(col) for col in zip(*out))
-        if w == 1:
-            alone = out[0]
-    return {w: res[w] / res[1] for w in worlds}, alone
-
-
-def fit_link(samples: list[tuple]) -> tuple[Link, float]:
-    """Least-squares fit (relative error) of t = steps * latency + bytes / bandwidth with comm.py's
-    step and byte counts."""
-    rows = []
-    for name, world, nbytes, t in samples:
-        c = {"all_reduce": all_reduce(nbytes, world, 1, world), "all_gather": all_gather(nbytes, world, 1, world),
-             "reduce_scatter": reduce_scatter(nbytes, world, 1, world),
-             "all_to_all": all_to_all(nbytes, world, 1, world)}[name]
-        rows.append((c.steps, c.bytes, t))
-    # each sample scaled by 1/t so that small messages (latency) count as much as large ones
-    # (bandwidth): relative error
-    lat, inv_bw = fit_two([(s / t, b / t, 1.0) for s, b, t in rows]) or (-1.0, -1.0)
-    if lat < 0 or inv_bw <= 0:  # degenerate noise: fall back to bandwidth from the largest messages
-        lat = max(0.0, lat)
-        big = [r for r in rows if r[1] == max(x[1] for x in rows)]
-        inv_bw = statistics.median((t - s * lat) / b for s, b, t in big if b)
-    rms = math.sqrt(statistics.mean((math.log((s * lat + b * inv_bw) / t)) ** 2 for s, b, t in rows))
-    return Link(bandwidth_gbps=1 / inv_bw / 1e9, latency_us=lat * 1e6), rms
 
 
 # The held-out model whose real training steps calibrate the corrections: a small MoE unlike

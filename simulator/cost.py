@@ -12,7 +12,7 @@ device, or on the host with offload). PP hand-offs delay the dependent stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Optional
 
 from moe import accounting as acc
@@ -23,53 +23,14 @@ from simulator.bands import band_for, layout_features, step_time_interval
 from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
+from simulator.estimate import Estimate, PipeSums
 from simulator.layout import Derived, Layout, derive
 from parallel.pipeline_layout import stage_sizes
-from simulator.schedule import BUSY_KINDS, Timeline, in_flight_per_chunk, simulate, step_breakdown
+from simulator.schedule import BUSY_KINDS, in_flight_per_chunk, simulate, step_breakdown
 
-GB = 2**30
 KINDS = ("dense", "moe", "noop", "embed", "head", "mtp")  # parts a virtual stage may hold
 
 __all__ = ["Estimate", "SimOptions", "Simulator"]
-
-
-@dataclass
-class Estimate:
-    layout: Layout
-    derived: Derived
-    step_time: float
-    tokens_per_s: float
-    mfu: float
-    breakdown: dict  # seconds on the busiest pipeline rank (critical_stage); sums to step_time
-    memory: dict  # bytes on the device with the highest peak
-    peak_memory: float
-    fits: bool
-    hardware: str
-    model_flops_per_token: float
-    stage_memory: list = field(default_factory=list)  # peak bytes per pipeline rank
-    ops: dict = field(default_factory=dict)  # per-step seconds by operator on the busiest stage
-    timeline: Optional[Timeline] = None
-    # MFU under each published FLOP convention (moe/mfu_conventions.py); `mfu` is "ultramoe"'s
-    mfu_by_convention: dict = field(default_factory=dict)
-    tokens_per_s_per_device: float = 0.0
-    peak_flops_per_s: float = 0.0  # the MFU denominator of one device
-    critical_stage: int = 0  # the pipeline rank `breakdown` and `ops` describe: the busiest one
-    stage_busy: list = field(default_factory=list)  # forward + backward + exposed comm s per pipeline rank
-    # from the profile's validation residuals (simulator/bands.py); None: the profile has none
-    error_band_pct: Optional[tuple] = None  # (lowest, highest) signed error of such predictions
-    step_time_band: Optional[tuple] = None  # (low, high) seconds the true step time lies in
-    unvalidated: list = field(default_factory=list)  # features of this layout no validation case ran
-
-    @property
-    def pessimistic_step_time(self) -> float:
-        return self.step_time_band[1] if self.step_time_band else self.step_time
-
-    def summary(self) -> dict:
-        return {"layout": self.layout.short(), "dp": self.derived.dp, "micro_batches": self.derived.micro_batches,
-                "step_time_s": self.step_time, "tokens_per_s": self.tokens_per_s,
-                "tokens_per_s_per_device": self.tokens_per_s_per_device, "mfu": self.mfu,
-                **{f"mfu_{c}": v for c, v in self.mfu_by_convention.items() if c != "ultramoe"},
-                "peak_memory_gb": self.peak_memory / GB, "fits": self.fits}
 
 
 class Simulator:
@@ -199,7 +160,7 @@ class Simulator:
             hit = self._cache[key] = (comps, group, reps, sizes)
         return hit
 
-    def pipe(self, lay: Layout, d: Derived) -> "_Pipe":
+    def pipe(self, lay: Layout, d: Derived) -> PipeSums:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
                 lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
@@ -210,7 +171,7 @@ class Simulator:
         comps, group, reps, sizes = self._structure(lay, d)
         g = [self._rank_sums(comp, lay, d, lkey) for comp in comps]
         w_w = [x[2] + x[3] for x in g]
-        pipe = _Pipe(lkey=lkey, group=group, reps=reps, sizes=sizes,
+        pipe = PipeSums(lkey=lkey, group=group, reps=reps, sizes=sizes,
                      f_st=[x[0] for x in g], b_st=[x[1] for x in g], f_w=[x[2] for x in g], b_w=[x[3] for x in g],
                      act=[x[4] for x in g], act_full=[x[5] for x in g], swapped=[x[6] for x in g],
                      params=[x[7] for x in g], tensors=[x[8] for x in g],
@@ -392,7 +353,7 @@ class Simulator:
             est.ops = self._op_breakdown(lay, d, heavy, m)
         return est
 
-    def _group_extras(self, lay: Layout, d: Derived, pipe: "_Pipe") -> list:
+    def _group_extras(self, lay: Layout, d: Derived, pipe: PipeSums) -> list:
         """Per rank group: exposed gradient reduction, exposed parameter gather, optimizer step, and
         the model states in memory (they depend on the layout only through these keys)."""
         key = (d.dp, d.edp, lay.zero1, lay.optimizer_offload)
@@ -433,26 +394,3 @@ class Simulator:
                 for op in self.layer_cost(kind, lay, d).ops:
                     out[op.name] = out.get(op.name, 0.0) + m * n * (op.fwd + op.bwd)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
-@dataclass
-class _Pipe:
-    """Per-rank-group sums (index g = group[rank]); ranks of a group hold equal chunk compositions."""
-
-    lkey: tuple  # the layout fields the layer costs depend on
-    group: list  # rank -> group
-    reps: list  # lowest rank of each group
-    sizes: list  # ranks per group
-    f_st: list  # forward of one micro-batch through all the rank's chunks, steady phase
-    b_st: list
-    f_w: list  # warm-up / cool-down phase
-    b_w: list
-    act: list  # per chunk: kept activation bytes of one micro-batch
-    act_full: list  # largest chunk's activations without recompute
-    swapped: list  # largest chunk's swapped bytes
-    params: list  # (dense, expert) parameters
-    tensors: list  # parameter tensors
-    w_st_max: float  # largest steady-phase work per micro-batch over the ranks
-    w_w_max: float  # largest warm-up-phase work per micro-batch
-    w_w_total: float  # warm-up-phase work summed over all ranks
-    extras: dict = field(default_factory=dict)  # _group_extras cache

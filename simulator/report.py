@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from moe import accounting as acc
 from moe.mfu_conventions import DESCRIPTIONS
-from simulator.cost import Estimate
+from simulator.estimate import Estimate
 
 GB = 2**30
 

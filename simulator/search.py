@@ -21,7 +21,8 @@ from typing import Callable, Optional
 from moe import accounting as acc
 from config import ConfigError
 from moe.config import ModelConfig
-from simulator.cost import Estimate, SimOptions, Simulator
+from simulator.cost import SimOptions, Simulator
+from simulator.estimate import Estimate
 from simulator.hardware import HardwareProfile
 from parallel.config import DISPATCHERS
 from simulator.layout import Layout, derive

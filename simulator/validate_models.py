@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from config import ConfigError, from_dict, load_yaml
-from moe import accounting as acc
 from moe.config import ModelConfig
 from simulator.hardware import load_hardware
 from simulator.search import ModelSpace

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from launch.checkpoint.checkpointer import Checkpointer, load_model_weights
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.resume import load_model_weights
 from launch.cli import main as cli
 from launch.hf.config import HFError, hf_config, transformers_gaps
 from launch.hf.export import save_hf, to_hf

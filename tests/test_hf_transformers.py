@@ -14,7 +14,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from config import from_dict
-from launch.checkpoint.checkpointer import Checkpointer, load_model_weights
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.resume import load_model_weights
 from launch.cli import main as cli
 from launch.hf.export import export_checkpoint
 from launch.trainer.recipe import CheckpointConfig, TrainConfig

@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from config import ConfigError, to_dict
 from launch.checkpoint import files as cf
-from launch.checkpoint.checkpointer import MANIFEST, CheckpointError, load_model_weights, read_manifest
+from launch.checkpoint.checkpointer import MANIFEST, CheckpointError, read_manifest
+from launch.checkpoint.resume import load_model_weights
 from launch.train import main
 from launch.trainer import loop
 from launch.trainer.recipe import CheckpointConfig

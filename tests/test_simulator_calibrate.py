@@ -6,7 +6,8 @@ import pytest
 
 from config import ConfigError
 from parallel.config import ParallelConfig
-from simulator.calibrate import fit_link, fit_matmul, predict_linear
+from simulator.calibrate import fit_matmul, predict_linear
+from simulator.calibrate_comm import fit_link
 from simulator.comm import all_gather, all_reduce, all_to_all
 from simulator.hardware import MatmulEfficiency, load_hardware
 from simulator.opbench import fit_line

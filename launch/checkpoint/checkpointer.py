@@ -1,6 +1,7 @@
 """Training checkpoints on disk: written atomically, verified on load, kept in rotation, resumable
 under any parallel layout. `state.py` (beside this file) says what goes in, `files.py` the on-disk
-format; this file drives saving and loading.
+format, `resume.py` which checkpoint a run resumes from, `diagnose.py` how a failure is told; this
+file drives saving and loading.
 
 Directory layout (`checkpoint.dir`, default `<train.out_dir>/checkpoints`):
 
@@ -49,13 +50,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from launch.checkpoint import files as cf
 from launch.checkpoint import state as cs
-from launch.checkpoint.files import (FORMAT, LATEST, MANIFEST, META, RECIPE, STEP_DIR, CheckpointError, SafeReader,
+from launch.checkpoint.files import (FORMAT, LATEST, MANIFEST, META, RECIPE, CheckpointError, SafeReader,
                                      list_checkpoints, read_manifest, step_dir_name, tensor_sizes, verify_files)
+from launch.checkpoint.diagnose import caused_by, config_diff, describe_error
+from launch.checkpoint.resume import resume_candidates
 from parallel.runtime import LocalRuntime, Runtime
 from parallel.zero import ZeroOptimizer
 
@@ -185,7 +187,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException; it fails on all ranks
             self._discard(tmp)
             raise CheckpointError(self._no_space(final, e) or (
-                f"saving {final} failed: {_describe(e)}; the partial save was removed and the previous "
+                f"saving {final} failed: {describe_error(e)}; the partial save was removed and the previous "
                 f"checkpoints are untouched (check free space and permissions of {self.root})")) from e
         try:
             mine = {f: cf.file_record(tmp / f) for f in writer.written}
@@ -228,7 +230,7 @@ class Checkpointer:
     def _no_space(self, final: Path, e: BaseException) -> Optional[str]:
         """The message for a save that failed because the disk (or quota) is full, else None. The
         OSError is often buried: torch.save reports it as "unexpected pos", DCP wraps that."""
-        if not _caused_by(e, {errno.ENOSPC, errno.EDQUOT}):
+        if not caused_by(e, {errno.ENOSPC, errno.EDQUOT}):
             return None
         return (f"saving {final} failed: no space left on device in {self.root}; the partial save was removed "
                 "and the previous checkpoints are untouched (free space there or set checkpoint.dir to another disk)")
@@ -276,41 +278,6 @@ class Checkpointer:
                 return p
         return None
 
-    def candidates(self, resume: Optional[str] = None) -> list[Path]:
-        """Checkpoints to try, in order, for `resume` (default: the config's).
-
-        A path outside this run's directory is where a *new* run starts from (another run's
-        checkpoint, another layout, imported weights): once this run has checkpoints of its own,
-        a restart continues from those instead of going back to the start. A path inside this
-        run's directory is an explicit roll-back and always wins."""
-        resume = self.cfg.resume if resume is None else resume
-        own = [p for _, p in list_checkpoints(self.root)]
-        if resume == "never":
-            if own:  # a fresh run would interleave its checkpoints with an earlier run's
-                raise CheckpointError(
-                    f"checkpoint.resume: never, but {self.root} already holds checkpoints of an earlier run "
-                    f"(newest {own[0].name}); use another train.out_dir or checkpoint.dir, delete them, "
-                    "or continue that run with checkpoint.resume: auto")
-            return []
-        if resume == "auto":
-            return own
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a step-N checkpoint directory, "
-                                  "a checkpoint root, auto or never")
-        inside = self.root.exists() and path.resolve().is_relative_to(self.root.resolve())
-        if own and not inside:
-            self._say(f"{self.root} has checkpoints of this run; resuming from them, not from {path}")
-            return own
-        if STEP_DIR.match(path.name) or (path / MANIFEST).exists():
-            m = STEP_DIR.match(path.name)
-            rest = [p for s, p in list_checkpoints(path.parent) if m and s < int(m.group(1))]
-            return [path] + (rest if self.cfg.fallback_to_previous else [])
-        found = [p for _, p in list_checkpoints(path)]
-        if not found:
-            raise CheckpointError(f"checkpoint.resume: {path} holds no step-N checkpoint directories")
-        return found
-
     def verify(self, path: Path, checksum: Optional[bool] = None) -> Optional[str]:
         """None if `path` is a complete, intact checkpoint, else the problem (same on every rank).
         `checksum`: also compare sha256 (default: as `checkpoint.verify` says)."""
@@ -329,7 +296,8 @@ class Checkpointer:
         found = None
         if self.group.rank == 0:  # one rank reads the directory; all follow (and fail) alike
             try:
-                found = self.candidates(resume)
+                found = resume_candidates(self.root, self.cfg.resume if resume is None else resume,
+                                          self.cfg.fallback_to_previous, self._say)
             except CheckpointError as e:
                 found = str(e)
         found = self.group.broadcast(found)
@@ -368,7 +336,7 @@ class Checkpointer:
         problems = cs.size_problems(entries, sizes)
         if problems:
             raise CheckpointError(f"{path} was written for a different model: {'; '.join(problems[:3])}"
-                                  f"{' ...' if len(problems) > 3 else ''}.{_config_diff(path, model)} Resume with "
+                                  f"{' ...' if len(problems) > 3 else ''}.{config_diff(path, model)} Resume with "
                                   "the recipe that wrote it, or start a new run (checkpoint.resume: never / another dir)")
         rng = cs.rng_targets(self.group.rank, sizes) if full else {}
         try:
@@ -376,30 +344,13 @@ class Checkpointer:
                 dcp.load({**entries, **rng}, storage_reader=SafeReader(path), planner=cs.LoadPlanner(),
                          process_group=self.group.pg, no_dist=not self.group.on)
         except (Exception, CheckpointException) as e:  # one message for the many error types
-            raise CheckpointError(f"reading {path} failed: {_describe(e)}") from e
+            raise CheckpointError(f"reading {path} failed: {describe_error(e)}") from e
         cs.refresh_zero_shards(optimizer)
         if full and not cs.apply_rng(self.group.rank, rng, self.device):
             self._say("the checkpoint has no RNG state for some ranks (more ranks than when saved); they keep "
                       "their freshly seeded generators")
         self._say(f"loaded {path} (step {info.get('step')}) in {time.perf_counter() - start:.2f}s")
         return info
-
-
-def _caused_by(e: BaseException, errnos: set) -> bool:
-    """Whether an OSError with one of `errnos` is `e` or behind it (its cause or context, or a
-    rank's failure inside DCP's CheckpointException)."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in errnos:
-            return True
-        todo += [x.__cause__, x.__context__]
-        if isinstance(x, CheckpointException):
-            todo += [failure[0] for failure in x.failures.values()]
-    return False
 
 
 def _to_host(v):
@@ -418,46 +369,3 @@ def _layout(runtime, optimizer) -> dict:
             "zero1": isinstance(optimizer, ZeroOptimizer)}
 
 
-def _describe(e: BaseException) -> str:
-    """`Type: message` of the underlying error, in one line (DCP wraps each rank's traceback into
-    one CheckpointException; the last line of the first is the actual error)."""
-    text = str(e).strip()
-    if "Traceback" in text:
-        block = text.split("Traceback", 2)[1]
-        lines = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith(" ")]
-        return lines[-1][:500] if lines else text[:500]
-    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:500]}"
-
-
-def _config_diff(path: Path, model) -> str:
-    cfg = getattr(model, "cfg", None)
-    recipe = path / RECIPE
-    if cfg is None or not recipe.is_file():
-        return ""
-    try:
-        saved = (yaml.safe_load(recipe.read_text()) or {}).get("model") or {}
-    except yaml.YAMLError:
-        return ""
-    here = asdict(cfg)
-    diff = [f"{k}={saved[k]!r} there, {here[k]!r} here" for k in here if k in saved and saved[k] != here[k]]
-    return f" Its recipe differs in model.{', model.'.join(diff)}." if diff else ""
-
-
-def load_model_weights(path: str | Path, model) -> dict:
-    """Load only the model weights of checkpoint `path` into a full (single-process) model, e.g. for
-    evaluation or export, after verifying every file against the manifest."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    problems = verify_files(path, manifest["files"], checksum=True)
-    if problems:
-        raise CheckpointError(f"{path}: {'; '.join(problems)}")
-    entries = cs.model_entries(model, cs.placements(model))
-    problems = cs.size_problems(entries, tensor_sizes(path))
-    if problems:
-        raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}.{_config_diff(path, model)}")
-    try:
-        with cf.quiet():
-            dcp.load(entries, storage_reader=SafeReader(path), planner=cs.LoadPlanner(), no_dist=True)
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"reading {path} failed: {_describe(e)}") from e
-    return json.loads((path / META).read_text())

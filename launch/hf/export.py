@@ -102,7 +102,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: Optional[s
     `drop_mtp` exports the model without its MTP modules."""
     import yaml
 
-    from launch.checkpoint.checkpointer import Checkpointer, load_model_weights
+    from launch.checkpoint.checkpointer import Checkpointer
+    from launch.checkpoint.resume import load_model_weights
     from launch.trainer.recipe import CheckpointConfig
     from moe.model import MoETransformer
     check_out(out)  # before the (possibly long) load
