@@ -4,6 +4,8 @@ and the auxiliary losses (balance loss at three scopes, z-loss).
 The router owns one hook for parallelism: `stats_reducer`, a callable that sums per-expert token
 counts over a process group. It is identity on one device; `parallel/` sets it to an all-reduce over
 the expert-parallel group to get the "EP-group" balance loss and replica-consistent bias updates.
+A second hook, `logits_hook` (None: off), may rewrite the fp32 logits before scoring: the skewed-
+routing workload (parallel/skew.py) biases them from outside to make expert popularity uneven.
 """
 from __future__ import annotations
 
@@ -68,11 +70,14 @@ class Router(nn.Module):
         # Kept-assignment counts accumulated since the last bias update (for aux-loss-free balancing).
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
         self.stats_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.logits_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
         cfg = self.cfg
         logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.logits_hook is not None:
+            logits_TE = self.logits_hook(logits_TE)
         scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
 
         select_TE = scores_TE.detach()
