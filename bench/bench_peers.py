@@ -215,7 +215,7 @@ def cross_check(ours, peers: dict, x: torch.Tensor, g: torch.Tensor) -> None:
               f"(max|y| {scale:.2f})   max|dx| {(gx - gx0).abs().max().item():.2e}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller slow-peer budget")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per contestant (default 15, quick 10)")
@@ -235,69 +235,55 @@ def main() -> None:
     p.add_argument("--no-proposal", dest="proposal", action="store_false",
                    help="bf16: do not also time ours with the shared expert in fp32 (bench-only patch)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeats = args.repeats or (10 if args.quick else 15)
-    budget = args.budget_s or (8.0 if args.quick else 25.0)
-    t_start = time.perf_counter()
+    args.repeats = args.repeats or (10 if args.quick else 15)
+    args.budget_s = args.budget_s or (8.0 if args.quick else 25.0)
+    return args
 
-    hf_version = hf_available()
-    print(f"torch {torch.__version__}, transformers {hf_version or 'not installed'}, CPU {cpu_model()}, "
-          f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"D={args.hidden} F={args.ffn} E={args.experts} k={args.topk} shared=1 (Fs={args.ffn}), "
-          f"forward+backward, median of up to {repeats} (slow peers: budget {budget:.0f} s, >= {args.min_repeats})")
-    _, tt_note = build_torchtitan(args)
-    print(f"torchtitan: skipped ({tt_note})")
-    if hf_version is None:
-        print("transformers: skipped (pip install transformers)")
-    hf_impls = [s for s in args.hf_impls.split(",") if s] if hf_version else []
 
-    peaks = {}
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    for dn in dtypes:
-        peaks[dn] = measure_peak(DTYPES[dn])
-    peaks.setdefault("fp32", measure_peak(torch.float32))
-    print("dense matmul peak (same run): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+def contestants(args, dn: str, ours, hf: dict, x32, g32) -> dict:
+    """name -> (module, forward) timed at dtype `dn`; in fp32 the peers are first cross-checked."""
+    base = build_ours(args, load_baseline_kernels(args.baseline)) if args.baseline else None
+    if dn == "fp32":
+        peers = dict(hf)
+        if base is not None:
+            peers["ours (baseline)"] = ours_fn(base)
+        cross_check(ours_fn(ours), peers, x32, g32)
+    modules = {"ours": (ours, ours_fn(ours))}
+    if base is not None:
+        modules["ours (baseline)"] = (base, ours_fn(base))
+    if dn == "bf16" and args.proposal:
+        prop = patch_shared_fp32(build_ours(args, kernels.get_kernels("fast")))
+        modules["ours+shared fp32 (proposal)"] = (prop, ours_fn(prop))
+    modules.update({n: (m, m) for n, m in hf.items()})
+    return modules
 
-    rows = []
-    for dn in dtypes:
-        dtype = DTYPES[dn]
-        for tpe in [int(s) for s in args.tokens_per_expert.split(",")]:
-            T = tpe * args.experts // args.topk
-            ours = build_ours(args, kernels.get_kernels("fast"))
-            gen = torch.Generator().manual_seed(1)
-            x32 = torch.randn(1, T, args.hidden, generator=gen)
-            g32 = torch.randn(1, T, args.hidden, generator=gen)
-            hf = {f"HF {impl}": build_hf(args, ours, impl) for impl in hf_impls}
-            base = None
-            if args.baseline:
-                base = build_ours(args, load_baseline_kernels(args.baseline))
-            if dn == "fp32":
-                peers = {n: m for n, m in hf.items()}
-                if base is not None:
-                    peers["ours (baseline)"] = ours_fn(base)
-                cross_check(ours_fn(ours), peers, x32, g32)
-            modules = {"ours": (ours, ours_fn(ours))}
-            if base is not None:
-                modules["ours (baseline)"] = (base, ours_fn(base))
-            if dn == "bf16" and args.proposal:
-                prop = patch_shared_fp32(build_ours(args, kernels.get_kernels("fast")))
-                modules["ours+shared fp32 (proposal)"] = (prop, ours_fn(prop))
-            modules.update({n: (m, m) for n, m in hf.items()})
-            x = x32.to(dtype).requires_grad_()
-            g = g32.to(dtype)
-            steps = {}
-            for name, (mod, fwd) in modules.items():
-                mod.to(dtype)
-                steps[name] = make_step(mod, fwd, x, g)
-            res = time_contestants(steps, repeats, args.min_repeats, budget, args.warmup)
-            flops = 6 * T * 3 * args.hidden * (args.topk * args.ffn + 1 * args.ffn)
-            rows.append((dn, tpe, T, res, flops))
-            t_ours = res["ours"][0]
-            parts = [f"{n} {t * 1e3:.1f} ms (n={k}, x{t / t_ours:.2f})" for n, (t, k) in res.items() if n != "ours"]
-            print(f"  {dn} {tpe:>4} tok/expert (T={T}): ours {t_ours * 1e3:.1f} ms (n={res['ours'][1]}); "
-                  + "; ".join(parts))
 
+def run_case(args, dn: str, tpe: int, hf_impls: list) -> tuple:
+    """Time every contestant at dtype `dn` and `tpe` tokens per expert; print and return the row."""
+    dtype = DTYPES[dn]
+    T = tpe * args.experts // args.topk
+    ours = build_ours(args, kernels.get_kernels("fast"))
+    gen = torch.Generator().manual_seed(1)
+    x32 = torch.randn(1, T, args.hidden, generator=gen)
+    g32 = torch.randn(1, T, args.hidden, generator=gen)
+    hf = {f"HF {impl}": build_hf(args, ours, impl) for impl in hf_impls}
+    modules = contestants(args, dn, ours, hf, x32, g32)
+    x = x32.to(dtype).requires_grad_()
+    g = g32.to(dtype)
+    steps = {}
+    for name, (mod, fwd) in modules.items():
+        mod.to(dtype)
+        steps[name] = make_step(mod, fwd, x, g)
+    res = time_contestants(steps, args.repeats, args.min_repeats, args.budget_s, args.warmup)
+    flops = 6 * T * 3 * args.hidden * (args.topk * args.ffn + 1 * args.ffn)
+    t_ours = res["ours"][0]
+    parts = [f"{n} {t * 1e3:.1f} ms (n={k}, x{t / t_ours:.2f})" for n, (t, k) in res.items() if n != "ours"]
+    print(f"  {dn} {tpe:>4} tok/expert (T={T}): ours {t_ours * 1e3:.1f} ms (n={res['ours'][1]}); "
+          + "; ".join(parts))
+    return dn, tpe, T, res, flops
+
+
+def print_table(rows: list, repeats: int, peaks: dict) -> None:
     names = list(dict.fromkeys(n for row in rows for n in row[3]))
     print("\n| dtype | tokens/expert (T) | " + " | ".join(f"{n} ms" for n in names)
           + " | " + " | ".join(f"{n} / ours" for n in names if n != "ours")
@@ -311,6 +297,31 @@ def main() -> None:
         frac = flops / t_ours / 1e9
         print(f"| {dn} | {tpe} ({T}) | " + " | ".join(cells) + " | " + " | ".join(ratios)
               + f" | {frac / peaks[dn]:.0%} | {frac / peaks['fp32']:.0%} |")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    hf_version = hf_available()
+    print(f"torch {torch.__version__}, transformers {hf_version or 'not installed'}, CPU {cpu_model()}, "
+          f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"D={args.hidden} F={args.ffn} E={args.experts} k={args.topk} shared=1 (Fs={args.ffn}), "
+          f"forward+backward, median of up to {args.repeats} (slow peers: budget {args.budget_s:.0f} s, "
+          f">= {args.min_repeats})")
+    _, tt_note = build_torchtitan(args)
+    print(f"torchtitan: skipped ({tt_note})")
+    if hf_version is None:
+        print("transformers: skipped (pip install transformers)")
+    hf_impls = [s for s in args.hf_impls.split(",") if s] if hf_version else []
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    peaks = {dn: measure_peak(DTYPES[dn]) for dn in dtypes}
+    peaks.setdefault("fp32", measure_peak(torch.float32))
+    print("dense matmul peak (same run): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    rows = [run_case(args, dn, tpe, hf_impls) for dn in dtypes
+            for tpe in [int(s) for s in args.tokens_per_expert.split(",")]]
+    print_table(rows, args.repeats, peaks)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 

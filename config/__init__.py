@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """A configuration is invalid. The message names the field and how to fix it."""
 
 
+def require(cond: bool, field_path: str, message: str) -> None:
+    """Raise `ConfigError("<field_path>: <message>")` unless `cond`."""
+    if not cond:
+        raise ConfigError(f"{field_path}: {message}")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

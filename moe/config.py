@@ -5,12 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from config import ConfigError, from_dict, load_yaml, resolve_file
-
-
-def _need(cond: bool, field_path: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_path}: {message}")
+from config import ConfigError, from_dict, load_yaml, require, resolve_file
 
 
 @dataclass
@@ -78,39 +73,39 @@ class ModelConfig:
         p = f"{path}." if path else ""
         for name in ("vocab_size", "hidden_size", "num_layers", "max_seq_len", "num_heads",
                      "dense_ffn_size", "expert_ffn_size", "num_experts", "top_k"):
-            _need(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
         for name in ("first_k_dense", "num_shared_experts", "mtp_layers", "noop_layers", "q_lora_rank"):
-            _need(getattr(self, name) >= 0, p + name, f"must be >= 0, got {getattr(self, name)}")
-        _need(self.first_k_dense <= self.num_layers, p + "first_k_dense",
+            require(getattr(self, name) >= 0, p + name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.first_k_dense <= self.num_layers, p + "first_k_dense",
               f"{self.first_k_dense} exceeds num_layers={self.num_layers}")
-        _need(self.top_k <= self.num_experts, p + "top_k",
+        require(self.top_k <= self.num_experts, p + "top_k",
               f"top_k={self.top_k} exceeds num_experts={self.num_experts}; lower top_k or add experts")
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _need(getattr(self, name) > 0, p + name, f"must be positive for MLA, got {getattr(self, name)}")
-            _need(self.qk_rope_head_dim % 2 == 0, p + "qk_rope_head_dim",
+                require(getattr(self, name) > 0, p + name, f"must be positive for MLA, got {getattr(self, name)}")
+            require(self.qk_rope_head_dim % 2 == 0, p + "qk_rope_head_dim",
                   f"RoPE needs an even dimension, got {self.qk_rope_head_dim}")
         else:
-            _need(self.head_dim > 0 and self.head_dim % 2 == 0, p + "head_dim",
+            require(self.head_dim > 0 and self.head_dim % 2 == 0, p + "head_dim",
                   f"must be positive and even for RoPE, got {self.head_dim}")
-            _need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, p + "num_kv_heads",
+            require(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, p + "num_kv_heads",
                   f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        _need(self.n_group >= 1 and self.num_experts % self.n_group == 0, p + "n_group",
+        require(self.n_group >= 1 and self.num_experts % self.n_group == 0, p + "n_group",
               f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
-        _need(1 <= self.topk_group <= self.n_group, p + "topk_group",
+        require(1 <= self.topk_group <= self.n_group, p + "topk_group",
               f"must be between 1 and n_group={self.n_group}, got {self.topk_group}")
         if self.n_group > 1:
             per_group = self.num_experts // self.n_group
-            _need(self.topk_group * per_group >= self.top_k, p + "topk_group",
+            require(self.topk_group * per_group >= self.top_k, p + "topk_group",
                   f"topk_group={self.topk_group} groups of {per_group} experts cannot supply top_k={self.top_k}")
         if self.capacity_factor is not None:
-            _need(self.capacity_factor > 0, p + "capacity_factor",
+            require(self.capacity_factor > 0, p + "capacity_factor",
                   f"must be positive (or null for dropless), got {self.capacity_factor}")
-        _need(self.norm_eps > 0, p + "norm_eps", f"must be positive, got {self.norm_eps}")
-        _need(self.routed_scaling_factor > 0, p + "routed_scaling_factor",
+        require(self.norm_eps > 0, p + "norm_eps", f"must be positive, got {self.norm_eps}")
+        require(self.routed_scaling_factor > 0, p + "routed_scaling_factor",
               f"must be positive, got {self.routed_scaling_factor}")
         for name in ("aux_loss_coeff", "z_loss_coeff", "mtp_loss_weight", "bias_update_speed"):
-            _need(getattr(self, name) >= 0, p + name, f"must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, p + name, f"must be >= 0, got {getattr(self, name)}")
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

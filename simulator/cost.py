@@ -272,7 +272,7 @@ class Simulator:
         return self._estimate(lay, self.derive(lay), timeline=True)
 
     def _estimate(self, lay: Layout, d: Derived, timeline: bool) -> Estimate:
-        """The whole step for one layout. Kept as one function (about 60 lines) so the order of the
+        """The whole step for one layout. Kept as one function (about 65 lines) so the order of the
         cost assembly (pipeline, DP communication, optimizer, memory, breakdown) reads top to bottom."""
         p, v, m = lay.pp, lay.vpp, d.micro_batches
         pipe = self.pipe(lay, d)
@@ -333,25 +333,34 @@ class Simulator:
                        mfu_by_convention={c: f * tok_s / (self.num_devices * self.peak)
                                           for c, f in self._convention_flops(lay.seq_len).items()},
                        tokens_per_s_per_device=tok_s / self.num_devices, peak_flops_per_s=self.peak)
+        self._attach_band(est, lay, d)
+        if timeline:
+            self._attribute_to_busiest(est, chunks, finish, dps)
+        return est
+
+    def _attach_band(self, est: Estimate, lay: Layout, d: Derived) -> None:
+        """The error band the profile's validation residuals give a layout with these features."""
         band = band_for(layout_features(
-            tp=lay.tp, ep=d.ep, dp=d.dp, pp=p, vpp=v, cp=lay.cp, tp_extend_ep=lay.tp_extend_ep,
+            tp=lay.tp, ep=d.ep, dp=d.dp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, tp_extend_ep=lay.tp_extend_ep,
             dispatcher=lay.dispatcher, zero1=lay.zero1, recompute=lay.recompute, swap=lay.swap,
             optimizer_offload=lay.optimizer_offload), self.hw.error_bands)
         if band is not None:
             est.error_band_pct, est.unvalidated = band[:2], band[2]
-            est.step_time_band = step_time_interval(step, *band[:2])
-        if timeline:
-            # Attribute the step to the busiest stage, the one that bounds the pipeline: the rank
-            # that finishes last is often a light one (the first stage waits for all backwards),
-            # whose "bubble" would then hide the heavy stages' work.
-            per_rank = [step_breakdown(chunks, p, v, m, r, finish[r], dps[r], step) for r in range(p)]
-            busy = [sum(b[k] for k in BUSY_KINDS) for b in per_rank]
-            heavy = max(range(p), key=busy.__getitem__)
-            b = per_rank[heavy]
-            b["bubble"] = max(0.0, step - busy[heavy] - b["dp_comm"] - b["optimizer"])
-            est.breakdown, est.critical_stage, est.stage_busy = b, heavy, busy
-            est.ops = self._op_breakdown(lay, d, heavy, m)
-        return est
+            est.step_time_band = step_time_interval(est.step_time, *band[:2])
+
+    def _attribute_to_busiest(self, est: Estimate, chunks: list, finish: list, dps: dict) -> None:
+        """Attribute the step to the busiest stage, the one that bounds the pipeline: the rank that
+        finishes last is often a light one (the first stage waits for all backwards), whose
+        "bubble" would then hide the heavy stages' work."""
+        lay, d, step = est.layout, est.derived, est.step_time
+        p, v, m = lay.pp, lay.vpp, d.micro_batches
+        per_rank = [step_breakdown(chunks, p, v, m, r, finish[r], dps[r], step) for r in range(p)]
+        busy = [sum(b[k] for k in BUSY_KINDS) for b in per_rank]
+        heavy = max(range(p), key=busy.__getitem__)
+        b = per_rank[heavy]
+        b["bubble"] = max(0.0, step - busy[heavy] - b["dp_comm"] - b["optimizer"])
+        est.breakdown, est.critical_stage, est.stage_busy = b, heavy, busy
+        est.ops = self._op_breakdown(lay, d, heavy, m)
 
     def _group_extras(self, lay: Layout, d: Derived, pipe: PipeSums) -> list:
         """Per rank group: exposed gradient reduction, exposed parameter gather, optimizer step, and

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
-from config import ConfigError, from_dict, load_yaml, resolve_file
+from config import ConfigError, from_dict, load_yaml, require, resolve_file
 from parallel.peaks import QUOTED_PEAKS_TFLOPS
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
@@ -44,12 +44,10 @@ class MatmulEfficiency:
         return self.peak_fraction * (m / (m + h)) * (k / (k + h)) * (n / (n + h))
 
     def validate(self, path: str = "") -> None:
-        if not 0 < self.peak_fraction <= 1:
-            raise ConfigError(f"{path}.peak_fraction: must be in (0, 1], got {self.peak_fraction}")
-        if not 0 < self.attention_factor <= 2:
-            raise ConfigError(f"{path}.attention_factor: must be in (0, 2], got {self.attention_factor}")
-        if self.half_dim < 0:
-            raise ConfigError(f"{path}.half_dim: must be >= 0, got {self.half_dim}")
+        require(0 < self.peak_fraction <= 1, f"{path}.peak_fraction", f"must be in (0, 1], got {self.peak_fraction}")
+        require(0 < self.attention_factor <= 2, f"{path}.attention_factor",
+                f"must be in (0, 2], got {self.attention_factor}")
+        require(self.half_dim >= 0, f"{path}.half_dim", f"must be >= 0, got {self.half_dim}")
 
 
 @dataclass
@@ -68,10 +66,8 @@ class Link:
         return self.latency_us * 1e-6
 
     def validate(self, path: str = "") -> None:
-        if self.bandwidth_gbps <= 0:
-            raise ConfigError(f"{path}.bandwidth_gbps: must be positive, got {self.bandwidth_gbps}")
-        if self.latency_us < 0:
-            raise ConfigError(f"{path}.latency_us: must be >= 0, got {self.latency_us}")
+        require(self.bandwidth_gbps > 0, f"{path}.bandwidth_gbps", f"must be positive, got {self.bandwidth_gbps}")
+        require(self.latency_us >= 0, f"{path}.latency_us", f"must be >= 0, got {self.latency_us}")
 
 
 @dataclass

@@ -92,6 +92,32 @@ def _row(e: Estimate) -> dict:
             "tokens_per_s": e.tokens_per_s, "mfu": e.mfu, "peak_memory_gb": e.peak_memory / GB, "fits": e.fits}
 
 
+def _group_dispatchers(cfg, n_dev: int, space: LayoutSpace, tp, cp, pp, vpp, ep, tpx, sp) -> list[str]:
+    """The dispatchers to cost for one (tp, cp, pp, vpp, ep, tp_extend_ep, sp) group; [] when the
+    group cannot hold the model (the cheap checks, before any layout is built)."""
+    if (cfg.num_heads % tp or n_dev % (tp * cp * pp) or (vpp > 1 and pp == 1)
+            or (tpx and tp == 1) or (tp == 1 and sp != space.sequence_parallel[0])):
+        return []
+    eff_ep = ep * tp if tpx else ep
+    if cfg.num_experts % eff_ep:
+        return []
+    # without expert parallelism every dispatcher is the local one: cost it once
+    return ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
+
+
+def _cost_policies(sim: Simulator, space: LayoutSpace, lay0: Layout, dispatchers: list[str]):
+    """Closed-form estimates of `lay0` under every micro-batch size, recompute, swap and dispatcher
+    of the space that the layout rules accept."""
+    for mbs, rc, swap, disp in itertools.product(space.micro_batch_size, space.recompute, space.swap,
+                                                 dispatchers):
+        lay = replace(lay0, micro_batch_size=mbs, recompute=rc, swap=swap, dispatcher=disp)
+        try:
+            d = sim.derive(lay)
+        except ConfigError:
+            continue
+        yield sim.quick(lay, d)
+
+
 def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progress: bool = False,
                    keep_infeasible: bool = True, prune_memory: bool = True,
                    pessimistic: bool = False) -> SearchResult:
@@ -116,14 +142,9 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
         if bar is not None:
             bar.update(1)
         enumerated += inner
-        if (cfg.num_heads % tp or n_dev % (tp * cp * pp) or (vpp > 1 and pp == 1)
-                or (tpx and tp == 1) or (tp == 1 and sp != space.sequence_parallel[0])):
+        dispatchers = _group_dispatchers(cfg, n_dev, space, tp, cp, pp, vpp, ep, tpx, sp)
+        if not dispatchers:
             continue
-        eff_ep = ep * tp if tpx else ep
-        if cfg.num_experts % eff_ep:
-            continue
-        # without expert parallelism every dispatcher is the local one: cost it once
-        dispatchers = ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
         for zero1, offload in itertools.product(space.zero1, space.optimizer_offload):
             lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, sequence_parallel=sp, cp=cp,
                           seq_len=space.seq_len, global_batch_size=space.global_batch_size, zero1=zero1,
@@ -135,14 +156,7 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
                 continue
             if prune_memory and sim.states_peak(lay0, d0) > usable:  # no activation policy can save it
                 continue
-            for mbs, rc, swap, disp in itertools.product(space.micro_batch_size, space.recompute, space.swap,
-                                                         dispatchers):
-                lay = replace(lay0, micro_batch_size=mbs, recompute=rc, swap=swap, dispatcher=disp)
-                try:
-                    d = sim.derive(lay)
-                except ConfigError:
-                    continue
-                e = sim.quick(lay, d)
+            for e in _cost_policies(sim, space, lay0, dispatchers):
                 evaluated += 1
                 if e.fits:
                     feasible += 1
