@@ -10,29 +10,28 @@ cores is not slowed). A collective waited for at once (synchronous) is charged i
 waited for later is hidden by whatever ran in between. Skew between ranks is not added on top of
 the link time (a late peer shows up as real waiting in gloo anyway).
 
-Link model: the simulator's (simulator/comm.py), so a prediction and an emulated run describe the
-same cluster (tests/test_emulated_links.py checks the two agree collective by collective):
-- all-gather / reduce-scatter of a full buffer of S bytes over n ranks: ring, (n-1)/n * S sent in
-  n-1 steps; all-reduce twice that in 2 (n-1) steps; a group spanning nodes runs at the inter-node
-  link (latency and bandwidth), otherwise the intra-node one;
+Link model: parallel/link_model.py, the one the simulator's predictions use (simulator/comm.py),
+so a prediction and an emulated run describe the same cluster. This module only counts the bytes
+of each real collective per link class, from the actual group members and their nodes:
+- ring collectives (all-gather / reduce-scatter of a full buffer, all-reduce): at the inter-node
+  link when the group spans nodes, else the intra-node one;
 - all-to-all: bytes to peers on this node over the intra-node link, the rest over the inter-node
-  link, concurrently: max(intra / bw_intra, inter / bw_inter) + ceil(log2 n) latency steps (the
-  count exchange before a split exchange: one step). With uneven splits the larger of what this
-  rank sends and receives on each link class (full duplex links);
-- P2P: bytes / bw + one latency of the link between the two ranks.
+  link; with uneven splits the larger of what this rank sends and receives on each link class
+  (full duplex links); the count exchange before a split exchange is one latency step;
+- P2P: on the link between the two ranks.
 
 Without emulation the wrappers still record each collective's timestamps (issue, wait, done) for
 the step's exposure metrics; `install(None, ...)` keeps only that, `uninstall()` removes both.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from parallel import link_model as LM
 from parallel.config import EmulateLinks
 
 _SPLIT_STEPS = {"counts": 1}  # latency steps of an all-to-all kind other than ceil(log2 n)
@@ -107,12 +106,8 @@ def _spans(ranks, node_of) -> bool:
 
 def ring_time(full_bytes: float, ranks, node_of, links: EmulateLinks, passes: int = 1) -> float:
     """All-gather / reduce-scatter (passes 1) or all-reduce (passes 2) of a full buffer."""
-    n = len(ranks)
-    if n <= 1 or full_bytes <= 0:
-        return 0.0
-    link = links.inter_node if _spans(ranks, node_of) else links.intra_node
-    steps = passes * (n - 1)
-    return steps / n * full_bytes / (link.bandwidth_gbps * 1e9) + steps * link.latency_us * 1e-6
+    spans = _spans(ranks, node_of)
+    return LM.transfer_time(*LM.ring(full_bytes, len(ranks), spans, passes), spans, links.intra_node, links.inter_node)
 
 
 def all_to_all_time(send_per_peer, recv_per_peer, ranks, me: int, node_of, links: EmulateLinks,
@@ -128,19 +123,14 @@ def all_to_all_time(send_per_peer, recv_per_peer, ranks, me: int, node_of, links
             acc = by_class[node_of(peer) == mine]
             acc[0] += s
             acc[1] += r
-    intra, inter = max(by_class[True]), max(by_class[False])
-    spans = _spans(ranks, node_of)
-    lat = (links.inter_node if spans else links.intra_node).latency_us * 1e-6
-    steps = max(1, math.ceil(math.log2(n))) if steps is None else steps
-    return max(intra / (links.intra_node.bandwidth_gbps * 1e9),
-               inter / (links.inter_node.bandwidth_gbps * 1e9)) + steps * lat
+    steps = LM.all_to_all_steps(n) if steps is None else steps
+    return LM.transfer_time(max(by_class[True]), max(by_class[False]), steps, _spans(ranks, node_of),
+                            links.intra_node, links.inter_node)
 
 
 def p2p_time(nbytes: float, a: int, b: int, node_of, links: EmulateLinks) -> float:
-    if nbytes <= 0:
-        return 0.0
-    link = links.inter_node if node_of(a) != node_of(b) else links.intra_node
-    return nbytes / (link.bandwidth_gbps * 1e9) + link.latency_us * 1e-6
+    crosses = node_of(a) != node_of(b)
+    return LM.transfer_time(*LM.p2p(nbytes, crosses), crosses, links.intra_node, links.inter_node)
 
 
 # --- delayed, timed work -----------------------------------------------------------------------

@@ -12,6 +12,8 @@ Conventions (pinned by tests/test_simulator_parts.py):
   where the profile measured that kind of collective (`collective_links`, CPU calibrations),
   bytes / its bandwidth + steps * its latency.
 
+The time formulas are parallel/link_model.py's, shared with the runtime's emulated links; this
+module owns the placement arithmetic (which bytes cross nodes) and the token-exchange messages.
 Group placement follows `layout.py`'s rank order: a group of `size` members with rank `stride`.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from parallel import link_model as LM
 from simulator.hardware import HardwareProfile
 
 
@@ -35,9 +38,9 @@ class Comm:
             return 0.0
         own = hw.collective_links.get(_MEASURED_AS.get(self.kind, self.kind)) if hw.collective_links else None
         if own:  # measured for this kind of collective (one box: every link is the same)
-            return self.bytes / (own[0] * 1e9) + self.steps * own[1] * 1e-6
-        lat = hw.inter_node.lat if self.spans_nodes else hw.intra_node.lat
-        return max(self.intra_bytes / hw.intra_node.bw, self.inter_bytes / hw.inter_node.bw) + self.steps * lat
+            return LM.single_link_time(self.bytes, self.steps, own[0], own[1])
+        return LM.transfer_time(self.intra_bytes, self.inter_bytes, self.steps, self.spans_nodes,
+                                hw.intra_node, hw.inter_node)
 
     def scaled(self, factor: float) -> "Comm":
         return Comm(self.kind, self.intra_bytes * factor, self.inter_bytes * factor, self.steps, self.spans_nodes)
@@ -64,10 +67,8 @@ def group_span(size: int, stride: int, devices_per_node: int) -> tuple[int, int]
 def _ring(kind: str, full_bytes: float, size: int, stride: int, dpn: int, passes: int) -> Comm:
     if size <= 1 or full_bytes <= 0:
         return NONE
-    _, nodes = group_span(size, stride, dpn)
-    sent = passes * (size - 1) / size * full_bytes
-    spans = nodes > 1
-    return Comm(kind, 0.0 if spans else sent, sent if spans else 0.0, passes * (size - 1), spans)
+    spans = group_span(size, stride, dpn)[1] > 1
+    return Comm(kind, *LM.ring(full_bytes, size, spans, passes), spans)
 
 
 def all_gather(full_bytes: float, size: int, stride: int, dpn: int) -> Comm:
@@ -89,13 +90,13 @@ def all_to_all(send_bytes: float, size: int, stride: int, dpn: int) -> Comm:
     per_node, nodes = group_span(size, stride, dpn)
     intra = send_bytes * (per_node - 1) / size
     inter = send_bytes * (size - per_node) / size
-    return Comm("all_to_all", intra, inter, max(1, math.ceil(math.log2(size))), nodes > 1)
+    return Comm("all_to_all", intra, inter, LM.all_to_all_steps(size), nodes > 1)
 
 
 def p2p(nbytes: float, crosses_nodes: bool) -> Comm:
     if nbytes <= 0:
         return NONE
-    return Comm("p2p", 0.0 if crosses_nodes else nbytes, nbytes if crosses_nodes else 0.0, 1, crosses_nodes)
+    return Comm("p2p", *LM.p2p(nbytes, crosses_nodes), crosses_nodes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Emulated links (parallel/emulated_links.py).
 
-- The charged time of every collective equals the simulator's link model (simulator/comm.py) for
-  the same bytes and placement, within and across nodes (pure Python, no processes).
+- The one link model (parallel/link_model.py) gives hand-computed times; the emulated links and
+  the simulator (simulator/comm.py) both time through it, but each counts the bytes per link
+  class its own way (the runtime from the real group members' nodes, the simulator from rank
+  arithmetic), so the two still agree collective by collective over 24 placements.
 - On 2 gloo ranks on 2 "nodes": each collective the runtime uses takes at least its emulated time
   (and less than a generous upper bound: the machine is shared), its CPU time stays a small part of
   it (the wait sleeps), and an asynchronous one overlapped with other work is recorded as hidden.
@@ -19,12 +21,28 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from parallel.config import EmulateLinks, LinkSpec
 from parallel import emulated_links as el
+from parallel import link_model as LM
 from simulator import comm as sim
 from simulator.hardware import Link
 
 LINKS = EmulateLinks(intra_node=LinkSpec(latency_us=200.0, bandwidth_gbps=0.4),
                      inter_node=LinkSpec(latency_us=2000.0, bandwidth_gbps=0.04))
 HW = SimpleNamespace(collective_links={}, intra_node=Link(0.4, 200.0), inter_node=Link(0.04, 2000.0))
+
+
+def test_link_model_hand_computed():
+    fast, slow = LinkSpec(latency_us=10.0, bandwidth_gbps=2.0), LinkSpec(latency_us=100.0, bandwidth_gbps=0.5)
+    # all-reduce of 4 MB over 4 ranks inside a node: 2 * 3/4 * 4e6 = 6e6 bytes at 2 GB/s + 6 steps of 10 us
+    assert LM.ring(4e6, 4, False, passes=2) == (6e6, 0.0, 6)
+    assert LM.transfer_time(6e6, 0.0, 6, False, fast, slow) == pytest.approx(3e-3 + 60e-6, rel=1e-12)
+    # the same ring across nodes: all of it on the slow link, its latency per step
+    assert LM.transfer_time(*LM.ring(4e6, 4, True, passes=2), True, fast, slow) == pytest.approx(12e-3 + 600e-6)
+    # all-to-all: 1 MB on each class runs concurrently, the slow one sets the time; 8 ranks: 3 steps
+    assert LM.all_to_all_steps(8) == 3 and LM.all_to_all_steps(2) == 1 and LM.all_to_all_steps(5) == 3
+    assert LM.transfer_time(1e6, 1e6, 3, True, fast, slow) == pytest.approx(2e-3 + 300e-6)
+    assert LM.transfer_time(*LM.p2p(1e6, False), False, fast, slow) == pytest.approx(0.5e-3 + 10e-6)
+    assert LM.single_link_time(2e6, 2, 4.0, 25.0) == pytest.approx(0.5e-3 + 50e-6)
+    assert LM.ring(4e6, 1, False) == (0.0, 0.0, 0) and LM.p2p(0, True) == (0.0, 0.0, 0)
 
 
 @pytest.mark.parametrize("dpn", [1, 2, 4, 8])
