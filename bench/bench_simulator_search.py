@@ -42,8 +42,7 @@ def main() -> None:
     n = 200
     t0 = time.perf_counter()
     for _ in range(n):
-        sim._cache.clear()  # cold: every layer cost is recomputed
-        sim.layer_cost._cache.clear()
+        sim.clear_cache()  # cold: every layer cost is recomputed
         sim.quick(r.layout)
     quick = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()

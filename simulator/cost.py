@@ -49,6 +49,11 @@ class Simulator:
         self.pc = acc.param_counts(model)
         self._tensors = self._tensors_per_kind()
 
+    def clear_cache(self) -> None:
+        """Forget every cached cost, so the next layout is costed cold (benchmarks)."""
+        self._cache.clear()
+        self.layer_cost.clear_cache()
+
     # ------------------------------------------------------------------------------------------
     # stages
 

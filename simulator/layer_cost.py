@@ -101,6 +101,9 @@ class LayerCosts:
         self.cm = ComputeModel(model, hw, opt.dtype, opt.grouped_gemm_per_expert)
         self._cache: dict = {}
 
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
 
     def _ops_cost(self, ops: list[Op], recompute: str) -> PartCost:
         f = sum(o.fwd for o in ops)
