@@ -23,8 +23,13 @@ from config import ConfigError
 if TYPE_CHECKING:
     from moe.config import ModelConfig
 
-Dispatcher = Literal["local", "allgather", "alltoall", "hierarchical"]
-DISPATCHERS: tuple[str, ...] = get_args(Dispatcher)
+Dispatcher = Literal["local", "allgather", "alltoall", "hierarchical", "auto"]
+# the dispatchers the runtime builds; "auto" is resolved to one of them by the trainer set-up
+# (launch/trainer/auto_dispatch.py asks the simulator) before the runtime exists
+DISPATCHERS: tuple[str, ...] = tuple(d for d in get_args(Dispatcher) if d != "auto")
+# how a pipeline stage's ranks are numbered: attention-side dims innermost first (parallel/layout.py)
+DEFAULT_RANK_ORDER = "tp-cp-dp"  # Megatron's: a TP group is consecutive ranks
+RANK_ORDERS = ("tp-cp-dp", "tp-dp-cp", "dp-cp-tp", "cp-dp-tp")  # tp innermost or outermost
 
 
 @dataclass
@@ -58,6 +63,8 @@ class ParallelConfig:
     sequence_parallel: bool = False  # with TP: shard the tokens outside TP regions over the TP ranks
     dispatcher: Dispatcher = "alltoall"
     devices_per_node: int = 8  # node structure for the hierarchical all-to-all; a setting on CPU
+    # attention-side dims of a stage, innermost first; tp last keeps EP peers on one node (layout.py)
+    rank_order: str = DEFAULT_RANK_ORDER
     zero1: bool = False  # shard optimizer states over data-parallel ranks
     overlap: bool = True  # run the shared expert while the dispatch communication is in flight
     vpp: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
@@ -68,6 +75,9 @@ class ParallelConfig:
     emulate_links: Optional[EmulateLinks] = None
     # all-reduce gradients in buckets of this many MB during backward (0: one blocking reduction after it)
     grad_bucket_mb: float = 0.0
+    # dispatcher: auto predicts with this simulator hardware profile (name or YAML path; None: the
+    # device's default, configs/hardware); emulate_links, when set, replaces its links
+    dispatcher_profile: Optional[str] = None
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
@@ -89,6 +99,13 @@ class ParallelConfig:
         if self.tp_extend_ep and self.etp not in (None, 1):
             raise ConfigError(f"{p}etp: tp_extend_ep splits experts over the TP ranks, so expert weights "
                               f"are not split; set etp to 1 or null, got {self.etp}")
+        if self.rank_order not in RANK_ORDERS:
+            raise ConfigError(f"{p}rank_order: {self.rank_order!r} is not one of {', '.join(RANK_ORDERS)} (the dims of "
+                              "a pipeline stage, innermost first; tp innermost, Megatron's tp-cp-dp, or outermost)")
+        if not self.rank_order.startswith("tp") and self.tp > 1 and self.expert_tp != self.tp:
+            what = "tp_extend_ep" if self.tp_extend_ep else f"etp = {self.expert_tp}"
+            raise ConfigError(f"{p}rank_order: {self.rank_order} puts tp outermost, which needs expert TP to be the "
+                              f"TP group (etp = tp); {what} needs tp innermost: use tp-cp-dp or tp-dp-cp")
         if self.grad_bucket_mb < 0:
             raise ConfigError(f"{p}grad_bucket_mb: must be >= 0 (0 reduces after backward), got {self.grad_bucket_mb}")
         if self.emulate_links is not None:
@@ -100,9 +117,12 @@ class ParallelConfig:
                 if link.latency_us < 0:
                     raise ConfigError(f"{p}emulate_links.{side}.latency_us: must be >= 0, got {link.latency_us}")
         # The YAML loader checks the Literal already; this catches configs built in code.
-        if self.dispatcher not in DISPATCHERS:
+        if self.dispatcher not in DISPATCHERS + ("auto",):
             raise ConfigError(f"{p}dispatcher: unknown dispatcher {self.dispatcher!r}; "
-                              f"allowed: {', '.join(repr(d) for d in DISPATCHERS)}")
+                              f"allowed: {', '.join(repr(d) for d in DISPATCHERS + ('auto',))}")
+        if self.dispatcher_profile is not None and self.dispatcher != "auto":
+            raise ConfigError(f"{p}dispatcher_profile: only used by dispatcher: auto (got dispatcher: "
+                              f"{self.dispatcher!r}); remove it or set dispatcher: auto")
 
     @property
     def expert_parallel(self) -> int:
@@ -217,6 +237,10 @@ def check_pipeline(cfg: ParallelConfig, model: "ModelConfig", micro_batches: Opt
 def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
     """The config may describe layouts the simulator evaluates but the runtime cannot run yet."""
     p = f"{path}." if path else ""
+    if cfg.dispatcher == "auto":
+        raise ConfigError(f"{p}dispatcher: 'auto' must be resolved before the runtime is built (the trainer "
+                          "set-up does it: launch/trainer/auto_dispatch.resolve_dispatcher); call that, or name "
+                          f"one of {', '.join(DISPATCHERS)}")
     if cfg.cp != 1:
         raise ConfigError(f"{p}cp: cp={cfg.cp} is not supported by the training runtime yet (tensor, expert, "
                           f"pipeline and data parallelism are); set cp: 1")

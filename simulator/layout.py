@@ -101,6 +101,10 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
     if num_devices < 1:
         raise ConfigError(f"num_devices: must be >= 1, got {num_devices}")
     dpn = lay.devices_per_node or devices_per_node
+    if lay.dispatcher == "auto":
+        raise ConfigError("layout.dispatcher: 'auto' is the trainer's choice (made with this simulator); a "
+                          "layout is costed with one dispatcher: name alltoall, hierarchical or allgather, or "
+                          "compare them with `simulator search`")
     lay.check_world(num_devices, model, "layout", devices_per_node=dpn)
     dp = lay.data_parallel(num_devices)
     ep, etp = lay.expert_parallel, lay.expert_tp

@@ -1,7 +1,9 @@
 """The trainer's public set-up: `build_context(recipe)` turns a recipe into a ready
 `TrainingContext`, on every rank of a torchrun launch or in a single process alike.
 
-Order matters and is fixed here once: the parallel layout is validated and the process group
+Order matters and is fixed here once: `parallel.dispatcher: auto` is resolved to a named
+dispatcher (auto_dispatch.py, before anything validates the layout for the runtime), the parallel
+layout is validated and the process group
 started (`distributed.init_distributed`), the device's peak measured (before any other start-up
 work, which would depress a CPU timing), the seeds set, the full model built and handed to the
 runtime to shard (before the optimizer exists: expert parameters are replaced by their shards),
@@ -18,7 +20,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from config import ConfigError
-from launch.trainer.distributed import init_distributed
+from launch.trainer.auto_dispatch import resolve_dispatcher
+from launch.trainer.distributed import init_distributed, world_from_env
 from launch.trainer.preflight import preflight
 from launch.trainer.recipe import Recipe, TrainConfig
 from launch.trainer.step import LOSS_KEYS, evaluate, lr_at, seed_everything, train_step
@@ -139,6 +142,8 @@ def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -
     runtime shards it; each data-parallel rank reads its slice of the global batch. `log` is kept
     on rank 0 only. Without `measure_peak` the (on CPU, timed) device peak is not measured."""
     t = recipe.train
+    rank, world, _ = world_from_env()
+    recipe = resolve_dispatcher(recipe, world, log and rank == 0)  # dispatcher: auto -> a named one
     preflight(recipe)  # device, tokenizer and data files: before any process group or model
     check_pipeline(recipe.parallel, recipe.model, t.grad_accum)  # stages and micro-batches, no group yet
     runtime = init_distributed(recipe)  # validates the parallel layout before any process group
