@@ -1,20 +1,30 @@
 """Rank arithmetic of a parallel layout: which ranks form each group, and which node a rank is on.
 
 Pure Python and numpy, no process group: tests and the simulator use it directly, and `mesh.py`
-turns it into process groups. Rank order (innermost first) is Megatron's: the attention side is
-tp, cp, dp, pp; the MoE side is etp, ep, edp, pp over the same ranks. With etp = 1 an EP group is a
-run of consecutive ranks, so "nodes" (devices_per_node consecutive ranks) split it into an
-intra-node part (ep_intra) and an inter-node part (ep_inter) for the hierarchical dispatcher.
+turns it into process groups.
+
+Rank order: `parallel.rank_order` names the attention-side dims of a pipeline stage innermost
+(fastest-changing rank) first; pp is always outermost. The default, Megatron's, is tp-cp-dp: a TP
+group is a run of consecutive ranks. The MoE side numbers the same ranks of a stage with the TP dim
+moved innermost (so an expert-TP group is the TP group, and TP-extend-EP's EP group holds whole TP
+groups), then the data dims in rank order, and splits that into etp (fastest), ep, edp. With the
+default order that is a plain etp, ep, edp, pp. An order with tp outermost (dp-cp-tp, cp-dp-tp)
+makes EP peers neighbours and the TP group strided instead: for TP 8 x EP 2 on 8-device nodes it
+keeps the expert exchange inside a node (`group_strides` gives every group's stride, the simulator
+costs those). With etp = 1 an EP group is then a run of consecutive ranks, so "nodes"
+(devices_per_node consecutive ranks) split it into an intra-node part (ep_intra) and an inter-node
+part (ep_inter) for the hierarchical dispatcher.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 from moe.config import ModelConfig
-from parallel.config import ParallelConfig
+from parallel.config import DEFAULT_RANK_ORDER, ParallelConfig
 
 
 class Shard(NamedTuple):
@@ -43,6 +53,7 @@ class Layout:
     etp: int
     edp: int
     devices_per_node: int
+    order: tuple = tuple(DEFAULT_RANK_ORDER.split("-"))  # attention-side dims, innermost first
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world: int, model: Optional[ModelConfig] = None) -> "Layout":
@@ -50,14 +61,23 @@ class Layout:
         dp = cfg.data_parallel(world)
         ep, etp = cfg.expert_parallel, cfg.expert_tp
         edp = dp * cfg.cp * cfg.tp // (ep * etp)
-        return cls(world, cfg.tp, cfg.cp, cfg.pp, dp, ep, etp, edp, min(cfg.devices_per_node, world))
+        return cls(world, cfg.tp, cfg.cp, cfg.pp, dp, ep, etp, edp, min(cfg.devices_per_node, world),
+                   tuple(cfg.rank_order.split("-")))
 
     # --- rank grids: grid[i, j, ...] is the global rank at those coordinates ---
     def dense_grid(self) -> np.ndarray:
-        return np.arange(self.world).reshape(self.pp, self.dp, self.cp, self.tp)
+        """(pp, dp, cp, tp) -> rank."""
+        sizes = {"tp": self.tp, "cp": self.cp, "dp": self.dp}
+        outer_first = list(reversed(self.order))
+        grid = np.arange(self.world).reshape(self.pp, *(sizes[d] for d in outer_first))
+        return grid.transpose(0, *(1 + outer_first.index(d) for d in ("dp", "cp", "tp")))
 
     def expert_grid(self) -> np.ndarray:
-        return np.arange(self.world).reshape(self.pp, self.edp, self.ep, self.etp)
+        """(pp, edp, ep, etp) -> rank: the stage's ranks with tp innermost, then the data dims in
+        rank order (see the module docstring)."""
+        data_outer_first = [d for d in reversed(self.order) if d != "tp"]
+        stage = self.dense_grid().transpose(0, *(1 + ("dp", "cp").index(d) for d in data_outer_first), 3)
+        return np.ascontiguousarray(stage).reshape(self.pp, self.edp, self.ep, self.etp)
 
     def expert_node_grid(self) -> np.ndarray:
         """The expert grid with ep split into (ep_inter, ep_intra): nodes x ranks of the group per node."""
@@ -114,6 +134,23 @@ class Layout:
                 f"MoE pp{self.pp} x edp{self.edp} x ep{self.ep} x etp{self.etp}; "
                 f"{self.num_nodes()} node(s) of {self.devices_per_node} (EP group: {self.ep_inter} node(s) "
                 f"x {self.ep_intra} rank(s))")
+
+
+def group_strides(tp: int, cp: int, dp: int, ep: int, etp: int, order: str = DEFAULT_RANK_ORDER) -> dict[str, int]:
+    """Rank distance between neighbours of each kind of group, for a layout `check_world` accepts
+    (its rank_order rules keep every group evenly strided): tp, cp, dp, the dense replicas `ddp`
+    (dp and cp together), etp, ep, edp and pp. `Layout`'s grids are the definition; tests check this
+    closed form against them."""
+    dims = order.split("-")
+    sizes = {"tp": tp, "cp": cp, "dp": dp}
+    stride = {d: math.prod(sizes[x] for x in dims[:i]) for i, d in enumerate(dims)}
+    data = min(stride["dp"], stride["cp"]) if dims[0] != "tp" else tp  # dp and cp are adjacent
+    if etp == tp:  # expert TP is the TP group; EP peers step through the data dims
+        ep_stride, etp_stride = data, stride["tp"]
+    else:  # etp divides a tp that is innermost (or tp = 1): the MoE side is a plain etp, ep, edp
+        ep_stride, etp_stride = etp, 1
+    return {"tp": stride["tp"], "cp": stride["cp"], "dp": stride["dp"], "ddp": data, "etp": etp_stride,
+            "ep": ep_stride, "edp": ep_stride * ep, "pp": tp * cp * dp}
 
 
 def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:

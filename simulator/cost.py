@@ -168,7 +168,7 @@ class Simulator:
     def pipe(self, lay: Layout, d: Derived) -> PipeSums:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-                lay.dispatcher, d.devices_per_node, lay.sequence_parallel)
+                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.rank_order)
         key = ("pipe", lkey) + self._stages_key(lay, d)
         hit = self._cache.get(key)
         if hit is not None:
@@ -226,7 +226,7 @@ class Simulator:
         return hit
 
     def _p2p_uncached(self, lay: Layout, d: Derived) -> float:
-        stride = lay.tp * lay.cp * d.dp
+        stride = d.strides["pp"]
         crosses = stride >= d.devices_per_node or stride * lay.pp > d.devices_per_node
         sp = lay.tp if lay.sequence_parallel else 1
         nbytes = lay.micro_batch_size * lay.seq_len / (lay.cp * sp) * self.model.hidden_size * self.b
@@ -242,14 +242,14 @@ class Simulator:
         hw, o = self.hw, self.opt
         dpn = d.devices_per_node
         gb = 4 if o.grad_reduce_dtype == "fp32" else 2
-        ddp, edp, estride = d.dp * lay.cp, d.edp, d.ep * d.etp
+        ddp, edp, estride, dstride = d.dp * lay.cp, d.edp, d.strides["edp"], d.strides["ddp"]
         if lay.zero1:
-            grad = (C.reduce_scatter(dense * gb, ddp, lay.tp, dpn).time(hw)
+            grad = (C.reduce_scatter(dense * gb, ddp, dstride, dpn).time(hw)
                     + C.reduce_scatter(expert * gb, edp, estride, dpn).time(hw))
-            gather = (C.all_gather(dense * self.b, ddp, lay.tp, dpn).time(hw)
+            gather = (C.all_gather(dense * self.b, ddp, dstride, dpn).time(hw)
                       + C.all_gather(expert * self.b, edp, estride, dpn).time(hw))
         else:
-            grad = (C.all_reduce(dense * gb, ddp, lay.tp, dpn).time(hw)
+            grad = (C.all_reduce(dense * gb, ddp, dstride, dpn).time(hw)
                     + C.all_reduce(expert * gb, edp, estride, dpn).time(hw))
             gather = 0.0
         if o.grad_bucket_copy:  # flatten, scale, unflatten: a read and a write of the gradients each

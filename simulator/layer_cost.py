@@ -111,16 +111,17 @@ class LayerCosts:
         rc = f if recompute == "full" else sum(o.fwd for o in ops if o.selective) if recompute == "selective" else 0.0
         return PartCost(f=f, b=b + rc, rc=rc, ops=ops)
 
-    def _tp_time(self, nbytes: float, tp: int, dpn: int, n: int) -> float:
+    def _tp_time(self, nbytes: float, tp: int, stride: int, dpn: int, n: int) -> float:
         """Exposed time of n (all-gather + reduce-scatter) pairs over the TP group."""
         if tp == 1:
             return 0.0
-        t = C.all_gather(nbytes, tp, 1, dpn).time(self.hw) + C.reduce_scatter(nbytes, tp, 1, dpn).time(self.hw)
+        t = (C.all_gather(nbytes, tp, stride, dpn).time(self.hw)
+             + C.reduce_scatter(nbytes, tp, stride, dpn).time(self.hw))
         return n * t * (1 - self.opt.tp_comm_overlap)
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
         key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-               lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap)
+               lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap, lay.rank_order)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)
@@ -139,11 +140,11 @@ class LayerCosts:
         if kind == "embed":
             # its output is the first layer's input, already counted there; the lookup keeps ids only
             pcost = self._ops_cost(cm.embedding(T, sp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
+            pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, 1) / 2
             return pcost
         if kind == "head":
             pcost = self._ops_cost(cm.head(T, tp, sp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, dpn, 1) / 2
+            pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, 1) / 2
             pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused, sp)
             return pcost
 
@@ -155,7 +156,7 @@ class LayerCosts:
         t_moe = T / tp if lay.sequence_parallel or lay.tp_extend_ep else T
         rows = t_moe * cfg.top_k * o.expert_imbalance * (d.etp if lay.sequence_parallel else 1)
         attn_ops = cm.attention(T, lay.seq_len, tp, sp, cp)
-        nodes = C.group_span(d.ep, d.etp, dpn)[1]
+        nodes = C.group_span(d.ep, d.strides["ep"], dpn)[1]
         ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes, sp, t_moe, rows)
                    if moe else cm.dense_ffn(T, tp, sp))
         extra = cm.mtp_extra(T, tp, sp) if mtp else []
@@ -166,13 +167,13 @@ class LayerCosts:
         pairs = 2 if not moe or cfg.num_shared_experts else 1
         if moe and tp > 1 and not lay.sequence_parallel:
             pairs += 0.5 if lay.tp_extend_ep else 1
-        pcost.tp = self._tp_time(hidden_bytes, tp, dpn, pairs + (1 if mtp else 0))
+        pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, pairs + (1 if mtp else 0))
         if cp > 1:
             kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
                                            else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
             # Ring exchange: cp - 1 hand-offs of one chunk's K/V, each hidden behind one step's
             # attention block at best; the first block (the rank's own chunk) hides nothing.
-            t_hop = C.all_gather(cp * kv, cp, tp, dpn).time(hw) / (cp - 1)
+            t_hop = C.all_gather(cp * kv, cp, d.strides["cp"], dpn).time(hw) / (cp - 1)
             block = next(op.fwd for op in attn_ops if op.name == "core_attention") / cp
             pcost.cp = (cp - 1) * max(0.0, t_hop - block)
         if moe and d.ep * d.etp > 1:
@@ -196,13 +197,13 @@ class LayerCosts:
     def _ep_costs(self, pcost: PartCost, ffn_ops: list[Op], tokens: float, lay: Layout, d: Derived) -> None:
         cfg, hw, o = self.model, self.hw, self.opt
         dpn = d.devices_per_node
-        args = (lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.etp, dpn,
+        args = (lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.strides["ep"], dpn,
                 o.expert_imbalance, cfg.num_experts)
         dispatch, combine = C.ep_dispatch(*args), C.ep_combine(*args)
         if d.etp > 1 and lay.sequence_parallel:  # expert TP gathers the received rows over its group
             rows = tokens * cfg.top_k * o.expert_imbalance
-            dispatch.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
-            combine.append(C.reduce_scatter(d.etp * rows * cfg.hidden_size * self.b, d.etp, 1, dpn))
+            dispatch.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
+            combine.append(C.reduce_scatter(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
         t_d, t_c = C.comm_time(dispatch, hw), C.comm_time(combine, hw)
         shared_f = sum(op.fwd for op in ffn_ops if op.name.startswith("shared"))
         shared_b = sum(op.bwd for op in ffn_ops if op.name.startswith("shared"))

@@ -8,8 +8,9 @@ simulated layout maps onto a runtime recipe's `parallel:` section field by field
 (`Layout.parallel()`), and a layout the trainer rejects is rejected here with the same message. The
 data-parallel size is not a field: it follows from the cluster size, dp = num_devices / (tp*cp*pp).
 
-Rank order (innermost first), as in Megatron: attention side tp, cp, dp, pp; MoE side etp, ep, edp,
-pp over the same ranks. So a TP group is contiguous, and an EP group of size ep has stride etp.
+Rank order: `rank_order` numbers the ranks as the runtime does (parallel/layout.py; Megatron's
+tp-cp-dp by default, so a TP group is contiguous and an EP group of size ep has stride etp), and
+`Derived.strides` holds the rank distance within each kind of group that the costs use.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Literal, Optional
 
 from config import ConfigError
 from moe.config import ModelConfig
-from parallel.config import ParallelConfig, check_pipeline
+from parallel.config import DEFAULT_RANK_ORDER, ParallelConfig, check_pipeline
+from parallel.layout import group_strides
 from parallel.pipeline_layout import stage_sizes
 from parallel.memory_config import MemoryConfig, simulator_policy
 
@@ -75,6 +77,8 @@ class Layout(ParallelConfig):
             parts.append("offload")
         if not self.zero1:
             parts.append("nozero")
+        if self.rank_order != DEFAULT_RANK_ORDER:
+            parts.append(self.rank_order.replace("-", ""))
         parts.append(self.dispatcher[:4])
         return "-".join(parts)
 
@@ -93,6 +97,7 @@ class Derived:
     noop_layers: int  # model's own plus padding for stage balance
     layers_per_chunk: int  # transformer layers (incl. no-op) per virtual stage; the largest one's with pp_stage_layers
     experts_per_rank: int
+    strides: dict  # kind -> rank distance between neighbours of such a group (parallel/layout.py)
 
 
 def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: int,
@@ -140,4 +145,5 @@ def derive(model: ModelConfig, lay: Layout, num_devices: int, devices_per_node: 
                    edp=side // (ep * etp), micro_batches=m, noop_layers=noop,
                    layers_per_chunk=max(r + n for r, n in stage_sizes(lay.pp, lay.vpp, model.num_layers, noop,
                                                                       lay.pp_stage_layers)),
-                   experts_per_rank=model.num_experts // ep)
+                   experts_per_rank=model.num_experts // ep,
+                   strides=group_strides(lay.tp, lay.cp, dp, ep, etp, lay.rank_order))

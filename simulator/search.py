@@ -24,7 +24,7 @@ from moe.config import ModelConfig
 from simulator.cost import SimOptions, Simulator
 from simulator.estimate import Estimate
 from simulator.hardware import HardwareProfile
-from parallel.config import DISPATCHERS
+from parallel.config import DEFAULT_RANK_ORDER, DISPATCHERS, RANK_ORDERS
 from simulator.layout import Layout, derive
 
 GB = 2**30
@@ -45,6 +45,9 @@ class LayoutSpace:
     swap: list[bool] = field(default_factory=lambda: [False, True])
     optimizer_offload: list[bool] = field(default_factory=lambda: [False, True])
     dispatcher: list[str] = field(default_factory=lambda: ["alltoall", "hierarchical", "allgather"])
+    # parallel.rank_order values; an order is costed only where it changes the groups (tp > 1 with
+    # expert TP = TP, and more than one data-parallel rank)
+    rank_order: list[str] = field(default_factory=lambda: [DEFAULT_RANK_ORDER, "dp-cp-tp"])
     global_batch_size: int = 3072
     seq_len: int = 4096
 
@@ -55,7 +58,7 @@ class LayoutSpace:
             if not vals or any(v < 1 for v in vals):
                 raise ConfigError(f"{p}{name}: give a non-empty list of sizes >= 1, got {vals}")
         for name, allowed in (("recompute", ("none", "selective", "full")),
-                              ("dispatcher", DISPATCHERS)):
+                              ("dispatcher", DISPATCHERS), ("rank_order", RANK_ORDERS)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad or not getattr(self, name):
                 raise ConfigError(f"{p}{name}: values must be among {', '.join(allowed)}, got {getattr(self, name)}")
@@ -63,7 +66,7 @@ class LayoutSpace:
     def size(self) -> int:
         n = 1
         for name in ("tp", "pp", "vpp", "ep", "tp_extend_ep", "sequence_parallel", "cp", "zero1", "micro_batch_size", "recompute",
-                     "swap", "optimizer_offload", "dispatcher"):
+                     "swap", "optimizer_offload", "dispatcher", "rank_order"):
             n *= len(getattr(self, name))
         return n
 
@@ -87,7 +90,7 @@ def _row(e: Estimate) -> dict:
     return {"layout": lay.short(), "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep,
             "tp_extend_ep": lay.tp_extend_ep, "sequence_parallel": lay.sequence_parallel, "cp": lay.cp, "dp": e.derived.dp, "zero1": lay.zero1,
             "micro_batch_size": lay.micro_batch_size, "recompute": lay.recompute, "swap": lay.swap,
-            "optimizer_offload": lay.optimizer_offload, "dispatcher": lay.dispatcher,
+            "optimizer_offload": lay.optimizer_offload, "dispatcher": lay.dispatcher, "rank_order": lay.rank_order,
             "step_time_s": e.step_time, "pessimistic_step_time_s": e.pessimistic_step_time,
             "tokens_per_s": e.tokens_per_s, "mfu": e.mfu, "peak_memory_gb": e.peak_memory / GB, "fits": e.fits}
 
@@ -103,6 +106,14 @@ def _group_dispatchers(cfg, n_dev: int, space: LayoutSpace, tp, cp, pp, vpp, ep,
         return []
     # without expert parallelism every dispatcher is the local one: cost it once
     return ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
+
+
+def _order_matters(order: str, space: LayoutSpace, tp: int, tp_extend_ep: bool, data_ranks: int) -> bool:
+    """Whether to cost `order`: the space's first order always; another only where it gives other
+    groups than the first (it needs tp > 1 and several data ranks) and check_world allows it."""
+    if order == space.rank_order[0]:
+        return True
+    return tp > 1 and data_ranks > 1 and not tp_extend_ep
 
 
 def _cost_policies(sim: Simulator, space: LayoutSpace, lay0: Layout, dispatchers: list[str]):
@@ -133,22 +144,22 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
     inner = (len(space.zero1) * len(space.optimizer_offload) * len(space.micro_batch_size) * len(space.recompute)
              * len(space.swap) * len(space.dispatcher))
     outer = list(itertools.product(space.tp, space.cp, space.pp, space.vpp, space.ep, space.tp_extend_ep,
-                                   space.sequence_parallel))
+                                   space.sequence_parallel, space.rank_order))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(outer), desc="search", unit="group", dynamic_ncols=True)
-    for tp, cp, pp, vpp, ep, tpx, sp in outer:
+    for tp, cp, pp, vpp, ep, tpx, sp, order in outer:
         if bar is not None:
             bar.update(1)
         enumerated += inner
         dispatchers = _group_dispatchers(cfg, n_dev, space, tp, cp, pp, vpp, ep, tpx, sp)
-        if not dispatchers:
+        if not dispatchers or not _order_matters(order, space, tp, tpx, n_dev // (tp * cp * pp) * cp):
             continue
         for zero1, offload in itertools.product(space.zero1, space.optimizer_offload):
             lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, sequence_parallel=sp, cp=cp,
                           seq_len=space.seq_len, global_batch_size=space.global_batch_size, zero1=zero1,
-                          optimizer_offload=offload)
+                          optimizer_offload=offload, rank_order=order)
             try:
                 d0 = derive(cfg, replace(lay0, micro_batch_size=1, global_batch_size=n_dev), n_dev,
                             sim.hw.devices_per_node, sim.opt.pad_layers)

@@ -45,7 +45,7 @@ def runtime_error(par: ParallelConfig, model: ModelConfig, world: int):
 def simulator_error(par: ParallelConfig, model: ModelConfig, world: int):
     """derive() on the same layout, with a batch and sequence that raise nothing of their own."""
     shared = {k: getattr(par, k) for k in ("tp", "pp", "ep", "cp", "etp", "tp_extend_ep", "dispatcher",
-                                           "devices_per_node", "zero1", "overlap")}
+                                           "devices_per_node", "zero1", "overlap", "rank_order")}
     lay = Layout(**shared, sequence_parallel=False, micro_batch_size=1, global_batch_size=world, seq_len=64)
     try:
         derive(model, lay, world, devices_per_node=par.devices_per_node, pad_layers=False)
@@ -55,17 +55,18 @@ def simulator_error(par: ParallelConfig, model: ModelConfig, world: int):
 
 
 GRID = list(itertools.product(MODELS, (1, 2, 3, 4, 6, 8), (1, 2, 3, 4), (1, 2, 3, 4, 8), (False, True),
-                              DISPATCHERS, (1, 2, 4)))
+                              DISPATCHERS, (1, 2, 4), ("tp-cp-dp", "dp-cp-tp")))
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_trainer_and_simulator_reject_the_same_layouts_with_the_same_message(model_name):
     model = MODELS[model_name]
     checked = rejected = 0
-    for name, world, tp, ep, tpx, dispatcher, dpn in GRID:
+    for name, world, tp, ep, tpx, dispatcher, dpn, order in GRID:
         if name != model_name or (tpx and tp == 1):
             continue
-        par = ParallelConfig(tp=tp, ep=ep, tp_extend_ep=tpx, dispatcher=dispatcher, devices_per_node=dpn)
+        par = ParallelConfig(tp=tp, ep=ep, tp_extend_ep=tpx, dispatcher=dispatcher, devices_per_node=dpn,
+                             rank_order=order)
         rt = runtime_error(par, model, world)
         sim = simulator_error(par, model, world)
         # the same rule, named in the section each reads: `parallel:` in a recipe, `layout:` in the simulator
@@ -87,10 +88,12 @@ def test_every_layout_the_search_returns_passes_the_trainer(model_name):
                         dispatcher=["alltoall", "allgather", "hierarchical"], global_batch_size=16, seq_len=64)
     res = search_layouts(sim, space, rerank=5, keep_infeasible=False)
     assert res.feasible > 20
+    assert {r["rank_order"] for r in res.rows} == {"tp-cp-dp", "dp-cp-tp"}  # both orders searched
     for row in res.rows:
         lay = Layout(tp=row["tp"], pp=row["pp"], ep=row["ep"], tp_extend_ep=row["tp_extend_ep"], cp=row["cp"],
                      sequence_parallel=row["sequence_parallel"], zero1=row["zero1"], dispatcher=row["dispatcher"],
-                     micro_batch_size=row["micro_batch_size"], global_batch_size=16, seq_len=64)
+                     micro_batch_size=row["micro_batch_size"], rank_order=row["rank_order"], global_batch_size=16,
+                     seq_len=64)
         assert runtime_error(lay.parallel(hw.devices_per_node), model, world) is None, row["layout"]
     # and the search leaves out what the trainer rejects: 'hierarchical' under expert TP, ep not splitting experts
     kinds = {(r["tp"], r["tp_extend_ep"], r["dispatcher"]) for r in res.rows}

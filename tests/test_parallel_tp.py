@@ -55,6 +55,10 @@ SCENARIOS = [
     ("w4-tp2xep2-extend-allgather-group-aux", 4, dict(EXT, ep=2, dispatcher="allgather"), GROUP_AUX),
     ("w4-tp2xep2-extend-hier-2x2-gqa", 4, dict(EXT, ep=2, dispatcher="hierarchical", devices_per_node=2), GQA),
     ("w4-tp2xdp2-extend-alltoall-bias", 4, dict(EXT, ep=1, dispatcher="alltoall"), BIAS),
+    # tp outermost (parallel.rank_order): TP groups {0, 2} and {1, 3}, EP peers neighbours
+    ("w4-tp2xep2-etp-alltoall-tp-outer-zero1", 4, dict(tp=2, ep=2, dispatcher="alltoall", zero1=True,
+                                                       rank_order="dp-cp-tp"), GROUP_AUX),
+    ("w4-tp2xep2-etp-allgather-tp-outer", 4, dict(tp=2, ep=2, dispatcher="allgather", rank_order="dp-cp-tp"), {}),
 ]
 
 
