@@ -11,12 +11,15 @@ takes the same decisions from the same sums. The returned metrics say, per layer
 per EP rank of the step under the contiguous placement ("before") and under the placement the step
 ran with ("after"), and the migrations, bytes and seconds of this step.
 
-`state_dict` / `load_state_dict` carry the slot tables and the EMA through checkpoints. A table is
-a permutation of the experts over global slots, so it stays valid under another EP size (rank r'
-then owns slots [r' * E / ep', ...)); the checkpoint stores expert stacks in slot order.
+Checkpoints: `canonical(optimizer)` moves every expert back to its contiguous slot while a
+checkpoint is written (the stacks then mean what they mean without placement), and `meta()` /
+`restore()` carry the slot tables and the EMA in the checkpoint's metadata. A table is a
+permutation of the experts over global slots, so it stays valid under another EP size (rank r'
+then owns slots [r' * E / ep', ...)): `restore` moves the loaded experts to the saved slots.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -60,31 +63,67 @@ class ExpertPlacement:
         if not self.planner.due():
             return m
         decisions = self.planner.decide(self.tables)
-        m["placement_predicted"] = [[d.current, d.planned] for d in decisions]
-        news = [d.new_expert_at_slot for d in decisions]
-        if any(n is not None for n in news):
-            sent, seconds = migrate_layers(self.layers, self.tables, news, self.group, optimizer, self.expert_params)
-            self.tables = [n if n is not None else t for t, n in zip(self.tables, news)]
-            done = sum(n is not None for n in news)
+        m["placement_predicted_current"] = [d.current for d in decisions]  # EMA-predicted max/mean
+        m["placement_predicted_planned"] = [d.planned for d in decisions]
+        done = sum(d.migrate for d in decisions)
+        if done:
+            targets = [d.new_expert_at_slot if d.migrate else t for d, t in zip(decisions, self.tables)]
+            sent, seconds = self._move_to(targets, optimizer)
             self.migrations += done
             m.update(placement_migrations=done, placement_bytes=sent, placement_time_s=seconds)
         return m
 
-    def state_dict(self) -> dict:
-        p = self.planner
-        return {"expert_at_slot": torch.stack(self.tables).clone(), "steps_seen": p.steps_seen,
-                "ema": None if p.ema is None else p.ema.clone(), "migrations": self.migrations}
+    def _move_to(self, targets: list[torch.Tensor], optimizer) -> tuple[int, float]:
+        """Migrate every layer whose table differs from its target; (bytes sent, seconds)."""
+        news = [None if torch.equal(t, n) else n for t, n in zip(self.tables, targets)]
+        if all(n is None for n in news):
+            return 0, 0.0
+        sent, seconds = migrate_layers(self.layers, self.tables, news, self.group, optimizer, self.expert_params)
+        self.tables = [t.clone() for t in targets]
+        return sent, seconds
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore tables and EMA (the expert stacks must already hold the slots' experts)."""
-        tables = state["expert_at_slot"]
+    @contextlib.contextmanager
+    def canonical(self, optimizer):
+        """Experts in logical order (the contiguous placement) inside the block, then back: a
+        checkpoint written inside holds expert e in row e of every stack, as without placement, so
+        any EP size, the Hugging Face export and runs without placement read it unchanged."""
+        kept = [t.clone() for t in self.tables]
+        self._move_to([torch.arange(t.numel()) for t in kept], optimizer)
+        try:
+            yield self.meta(kept)
+        finally:
+            self._move_to(kept, optimizer)
+
+    def meta(self, tables: Optional[list[torch.Tensor]] = None) -> dict:
+        """The placement as JSON-able checkpoint metadata (tables, EMA, counters)."""
+        p = self.planner
+        return {"expert_at_slot": [t.tolist() for t in (tables or self.tables)], "steps_seen": p.steps_seen,
+                "ema": None if p.ema is None else p.ema.tolist(), "migrations": self.migrations}
+
+    def restore(self, meta: dict, optimizer) -> None:
+        """After loading a canonical checkpoint (identity tables): the saved EMA, counters and tables,
+        moving the experts to the saved slots under this run's EP size."""
+        tables = torch.tensor(meta["expert_at_slot"], dtype=torch.long)
         if tables.shape != (len(self.layers), self.planner.num_experts):
-            raise ValueError(f"placement state: tables of shape {tuple(tables.shape)}, this model needs "
-                             f"{(len(self.layers), self.planner.num_experts)}")
-        self.tables = [t.clone() for t in tables]
-        for layer, t in zip(self.layers, self.tables):
-            layer.dispatcher.set_table(t)
-        ema: Optional[torch.Tensor] = state.get("ema")
-        self.planner.ema = None if ema is None else ema.clone().double()
-        self.planner.steps_seen = int(state["steps_seen"])
-        self.migrations = int(state.get("migrations", 0))
+            raise ValueError(f"checkpoint placement: tables of shape {tuple(tables.shape)}, this model needs "
+                             f"{(len(self.layers), self.planner.num_experts)}; resume with the model that wrote it")
+        ema = meta.get("ema")
+        self.planner.ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
+        self.planner.steps_seen = int(meta["steps_seen"])
+        self.migrations = int(meta.get("migrations", 0))
+        self._move_to(list(tables), optimizer)
+
+
+def apply_placement(cfg, model: nn.Module, runtime):
+    """The recipe's `placement:` section (parallel/placement_config.py) on a sharded model:
+    (ExpertPlacement or None, ZipfSkew or None). The skew is installed whether or not placement is."""
+    from parallel.skew import ZipfSkew
+    skew = None
+    if cfg.skew.enabled:
+        num_experts = next(m for m in model.modules() if isinstance(m, MoELayer)).cfg.num_experts
+        s = cfg.skew
+        skew = ZipfSkew(num_experts, alpha=s.alpha, strength=s.strength, period=s.period, seed=s.seed)
+        skew.install(model)
+    placement = (ExpertPlacement(model, runtime.meshes.ep_group, cfg.interval, cfg.ema_decay, cfg.margin)
+                 if cfg.enabled else None)
+    return placement, skew

@@ -38,7 +38,7 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
     if ctx.log:
         _announce(ctx, out_dir)
     recovery = Recovery(recipe, ctx.model, ctx.optimizer, ctx.train_it, ctx.runtime, ctx.device,
-                        log=ctx.log, stop_after=stop_after)
+                        log=ctx.log, stop_after=stop_after, placement=ctx.placement)
     start_step = recovery.resume()
     logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, enabled=ctx.log, resume_step=start_step)
     bar = _progress(t.steps, (t.progress if progress is None else progress) and ctx.runtime.is_main,

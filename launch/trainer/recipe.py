@@ -10,6 +10,7 @@ from config import ConfigError, apply_overrides, from_dict, load_yaml
 from moe.config import ModelConfig, model_section
 from parallel.config import ParallelConfig
 from parallel.memory_config import MemoryConfig
+from parallel.placement_config import PlacementConfig
 
 
 @dataclass
@@ -143,12 +144,14 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # recompute, swap, optimizer offload
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # dynamic expert placement
 
     def validate(self, path: str = "") -> None:
         par = self.parallel  # layers of the largest pipeline stage: full_layers counts per stage
         per_stage = (max(par.pp_stage_layers) if par.pp_stage_layers else
                      -(-(self.model.num_layers + self.model.noop_layers) // (par.pp * par.vpp)))
         self.memory.check_model(self.model, per_stage)
+        self.placement.check_recipe(self.parallel, self.model, self.memory)
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten seq_len or raise max_seq_len")

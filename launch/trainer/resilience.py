@@ -158,8 +158,9 @@ class Recovery:
     SIGTERM/SIGINT. A collective: build it, and call its methods, on every rank."""
 
     def __init__(self, recipe, model, optimizer, train_it, runtime: Runtime, device: str = "cpu",
-                 log: bool = True, stop_after: Optional[int] = None):
+                 log: bool = True, stop_after: Optional[int] = None, placement=None):
         self.recipe, self.model, self.optimizer, self.train_it = recipe, model, optimizer, train_it
+        self.placement = placement  # parallel/placement_runtime.ExpertPlacement: checkpointed in logical order
         self.runtime, self.device, self.stop_after = runtime, device, stop_after
         self.log = log
         root = recipe.checkpoint.dir or str(Path(recipe.train.out_dir) / "checkpoints")
@@ -183,6 +184,8 @@ class Recovery:
             self._say(f"initialised the weights from {self.ckpt.last_loaded}; training starts at step 0")
             return 0
         self.tokens = int(info.get("tokens", 0))
+        if self.placement is not None and info.get("placement"):  # experts back to their saved slots
+            self.placement.restore(info["placement"], self.optimizer)
         self.train_it.load_state_dict(info["data"])
         self.guard.load_state_dict(info.get("resilience", {}))
         self.saved_step = int(info["step"])
@@ -240,7 +243,12 @@ class Recovery:
     def save(self, step: int, blocking: Optional[bool] = None) -> Optional[Path]:
         meta = {"tokens": self.tokens, "data": self.train_it.state_dict(), "resilience": self.guard.state_dict(),
                 "global_batch": self._global_batch(), "micro_batch_size": self.recipe.train.micro_batch_size}
-        path = self.ckpt.save(step, self.model, self.optimizer, meta, self.recipe_yaml, blocking=blocking)
+        if self.placement is None:
+            path = self.ckpt.save(step, self.model, self.optimizer, meta, self.recipe_yaml, blocking=blocking)
+        else:  # written in logical expert order (any EP size reads it); the tables go in meta.json
+            with self.placement.canonical(self.optimizer) as placed:
+                path = self.ckpt.save(step, self.model, self.optimizer, {**meta, "placement": placed},
+                                      self.recipe_yaml, blocking=blocking)
         self.saved_step = step
         return path
 

@@ -31,6 +31,7 @@ from parallel.config import check_pipeline
 from parallel.device import Peak, device_peak, resolve_device_type
 from parallel.memory import MemoryManager, apply_memory
 from parallel.offload import offload_optimizer
+from parallel.placement_runtime import ExpertPlacement, apply_placement
 from parallel.runtime import Runtime
 
 
@@ -88,6 +89,8 @@ class TrainingContext:
     valid_it: Callable[[], Iterator[dict]]
     log: bool
     memory: Optional[MemoryManager] = None  # recompute/swap applied to the model; memory metrics
+    placement: Optional[ExpertPlacement] = None  # dynamic expert placement (recipe `placement:`)
+    skew: Optional[object] = None  # the skewed-routing workload (parallel/skew.py), when configured
 
     @property
     def tokens_per_step(self) -> int:
@@ -103,12 +106,16 @@ class TrainingContext:
         t = self.recipe.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, t)
+        if self.skew is not None:
+            self.skew.set_step(step)
         with self.memory.step(self.model) if self.memory is not None else contextlib.nullcontext():
             m = train_step(self.model, self.optimizer, self.train_it, t, self.device,
                            grad_reducer=self.runtime.grad_reducer, check_step=check_step,
                            pipeline=self.runtime.forward_backward)
         if self.memory is not None:
             m.update(self.memory.metrics(self.model, self.optimizer))
+        if self.placement is not None:  # after the optimizer step: experts move with their state
+            m.update(self.placement.after_step([torch.tensor(x) for x in m["expert_load"]], self.optimizer))
         return m
 
     def global_metrics(self, m: dict) -> dict:
@@ -159,6 +166,7 @@ def build_context(recipe: Recipe, log: bool = True, measure_peak: bool = True) -
     optimizer = runtime.wrap_optimizer(build_optimizer(model, t), model)
     if recipe.memory.optimizer_offload:  # after ZeRO-1: each rank offloads its own shard
         optimizer = offload_optimizer(optimizer, recipe.memory)
+    placement, skew = apply_placement(recipe.placement, model, runtime)
     train_it, valid_it = build_data(recipe, rank=runtime.dp_rank, world=runtime.dp_size)
     return TrainingContext(recipe, runtime, device, peak, model, optimizer, train_it, valid_it,
-                           log=log and runtime.is_main, memory=memory)
+                           log=log and runtime.is_main, memory=memory, placement=placement, skew=skew)
