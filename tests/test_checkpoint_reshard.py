@@ -155,10 +155,10 @@ def _check_in_one_process(ckpt_dir: str, layout: dict) -> None:
 
 
 def test_resume_in_one_process_with_the_reference_optimizer_state(saved):
-    _check_in_one_process(saved[0], {"tp": 1, "pp": 1, "vpp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2, "zero1": True})
+    _check_in_one_process(saved[0], {"tp": 1, "pp": 1, "vpp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2, "rank_order": "tp-cp-dp", "zero1": True})
 
 
-LAYOUT_TP = {"tp": 2, "pp": 1, "vpp": 1, "ep": 4, "etp": 1, "dp": 2, "edp": 1, "zero1": True}  # experts over ep x tp = 4 ranks
+LAYOUT_TP = {"tp": 2, "pp": 1, "vpp": 1, "ep": 4, "etp": 1, "dp": 2, "edp": 1, "rank_order": "tp-cp-dp", "zero1": True}  # experts over ep x tp = 4 ranks
 
 
 def test_checkpoint_saved_under_tensor_parallelism_loads_in_one_process(tmp_path):

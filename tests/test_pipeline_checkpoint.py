@@ -132,7 +132,7 @@ def test_pp_checkpoint_resumes_in_one_process(saved):
     opt = adamw(model)
     info = Checkpointer(CheckpointConfig(), saved, log=False).load(model, opt)
     assert info["step"] == SAVE_AT
-    assert info["layout"] == {"tp": 1, "pp": 2, "vpp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "zero1": True}
+    assert info["layout"] == {"tp": 1, "pp": 2, "vpp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "rank_order": "tp-cp-dp", "zero1": True}
     it = iter(micro_batches(1, 0)[SAVE_AT * MICRO:])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -148,7 +148,7 @@ def saved_pp4(tmp_path_factory) -> str:
     d = str(tmp_path_factory.mktemp("pp4-ckpt") / "ckpt")
     for losses in run_distributed(_rank, 4, dict(pp=4), d, False, 0, SAVE_AT, timeout=240):
         _close(losses, reference()[:SAVE_AT])
-    assert _recorded_layout(d) == {"tp": 1, "pp": 4, "vpp": 1, "ep": 1, "etp": 1, "dp": 1, "edp": 1, "zero1": False}
+    assert _recorded_layout(d) == {"tp": 1, "pp": 4, "vpp": 1, "ep": 1, "etp": 1, "dp": 1, "edp": 1, "rank_order": "tp-cp-dp", "zero1": False}
     return d
 
 
@@ -161,4 +161,4 @@ def test_pp4_checkpoint_resumes_under_pp2_vpp2(saved_pp4, tmp_path):
                           timeout=240)
     for losses in out:
         _close(losses, reference()[SAVE_AT:])
-    assert _recorded_layout(again) == {"tp": 1, "pp": 2, "vpp": 2, "ep": 1, "etp": 1, "dp": 2, "edp": 2, "zero1": True}
+    assert _recorded_layout(again) == {"tp": 1, "pp": 2, "vpp": 2, "ep": 1, "etp": 1, "dp": 2, "edp": 2, "rank_order": "tp-cp-dp", "zero1": True}

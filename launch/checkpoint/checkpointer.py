@@ -366,6 +366,6 @@ def _layout(runtime, optimizer) -> dict:
     # vpp lives in the runtime's ParallelConfig; a one-process runtime (pp = 1) has none and no chunks
     vpp = runtime.cfg.vpp if lay.pp > 1 else 1
     return {"tp": lay.tp, "pp": lay.pp, "vpp": vpp, "ep": lay.ep, "etp": lay.etp, "dp": lay.dp, "edp": lay.edp,
-            "zero1": isinstance(optimizer, ZeroOptimizer)}
+            "rank_order": "-".join(lay.order), "zero1": isinstance(optimizer, ZeroOptimizer)}
 
 
