@@ -58,7 +58,7 @@ class HostSwap:
         self.side = self.streams.Stream() if self.streams is not None else None
         self.swapped_bytes = 0  # this step's bytes copied to host
         self._regions: list[list[weakref.ref]] = []
-        self._dedup: dict = {}  # (storage, offset, shape, stride) -> (weakref to tensor, handle), one region
+        self._dedup: dict = {}  # span or layout -> (weakref to the storage's owner, handle, layout), one region
 
     def reset(self) -> None:
         self.swapped_bytes, self._regions = 0, []
@@ -76,13 +76,25 @@ class HostSwap:
         nbytes = t.numel() * t.element_size()
         if self.static(t) or nbytes < MIN_SWAP_BYTES or t.layout != torch.strided:
             return ("kept", self.fallback_pack(t))
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        # The same elements saved again in this region (by another op, or as another view: two
+        # linears share an input, softmax and the next matmul both keep the probabilities) reuse
+        # one host copy. A dense view is keyed by the span it fills, so any other dense view of
+        # that span is rebuilt from the copy's storage. The entry holds a weak reference to the
+        # tensor owning the storage (a view's base): while it lives, the storage cannot have been
+        # freed and reused, and the transient views ops save (F.linear's reshape) may die.
+        dense = _dense(t)
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), t.numel(), t.dtype) if dense else \
+            (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         hit = self._dedup.get(key)
-        if hit is not None and hit[0]() is t:  # the same tensor saved twice in one region: one copy
-            return ("swap", hit[1])
+        if hit is not None and hit[0]() is not None:
+            if hit[2] == (tuple(t.shape), t.stride()):
+                return ("swap", hit[1])
+            return ("view", (hit[1], tuple(t.shape), t.stride()))
         handle = self._copy_out(t)
         self.swapped_bytes += nbytes
-        self._dedup[key] = (weakref.ref(t), handle)
+        owner = t._base if t._base is not None else t
+        self._dedup[key] = (weakref.ref(owner), handle, (tuple(t.shape), t.stride()))
         self._regions[-1].append(weakref.ref(handle))
         return ("swap", handle)
 
@@ -90,6 +102,10 @@ class HostSwap:
         kind, h = packed
         if kind == "kept":
             return self.fallback_unpack(h)
+        if kind == "view":  # another dense view of a copied span: the copy starts at the span's start
+            handle, shape, stride = h
+            base = self._unpack(("swap", handle))
+            return base.as_strided(shape, stride, base.storage_offset())
         if self.side is None:
             return h.host
         if self.prefetch and h.fetched is None:

@@ -91,8 +91,26 @@ class Simulator:
             for kind, n in zip(KINDS, counts):
                 if n:
                     hit.add(self.layer_cost(kind, lay, d), n)
+            kept, swapped = self._full_layers_saving(lay, d, counts)
+            hit.act -= kept
+            hit.swapped -= swapped
             self._cache[key] = hit
         return hit
+
+    def _full_layers_saving(self, lay: Layout, d: Derived, counts: tuple) -> tuple[float, float]:
+        """(kept, swapped) bytes of one micro-batch that a chunk with these part counts does not hold
+        because `memory_policy.full_layers` recomputes its first layers whole (dense layers come
+        first; MTP blocks are not among them, as in parallel/recompute.py)."""
+        n = lay.memory_policy.full_layers if lay.memory_policy else 0
+        kept = swapped = 0.0
+        for kind, count in (("dense", counts[0]), ("moe", counts[1])):
+            k = min(n, count)
+            n -= k
+            if k:
+                c = self.layer_cost(kind, lay, d)
+                kept += k * (c.act - c.act_whole)
+                swapped += k * c.swapped
+        return kept, swapped
 
     def _kind_vectors(self, lay: Layout, d: Derived, lkey: tuple) -> tuple:
         """Per quantity, the value of one part of each kind in `KINDS`: steady and warm-up forward and
@@ -118,9 +136,11 @@ class Simulator:
             tot, chunks, params_key, tensors = self._composition(comp)
             hit = (sum(f_st[i] * n for i, n in tot), sum(b_st[i] * n for i, n in tot),
                    sum(f_w[i] * n for i, n in tot), sum(b_w[i] * n for i, n in tot),
-                   [sum(act[i] * n for i, n in c) for c in chunks],
+                   [sum(act[i] * n for i, n in c) - self._full_layers_saving(lay, d, cnt)[0]
+                    for c, cnt in zip(chunks, comp)],
                    max(sum(act_full[i] * n for i, n in c) for c in chunks),
-                   max(sum(swapped[i] * n for i, n in c) for c in chunks),
+                   max(sum(swapped[i] * n for i, n in c) - self._full_layers_saving(lay, d, cnt)[1]
+                       for c, cnt in zip(chunks, comp)),
                    self._params(params_key, lay.tp, d.ep, d.etp), tensors)
             self._cache[key] = hit
         return hit
@@ -168,7 +188,8 @@ class Simulator:
     def pipe(self, lay: Layout, d: Derived) -> PipeSums:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.rank_order)
+                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.rank_order,
+                M.policy_key(lay.memory_policy) if lay.memory_policy else None)
         key = ("pipe", lkey) + self._stages_key(lay, d)
         hit = self._cache.get(key)
         if hit is not None:
@@ -328,7 +349,8 @@ class Simulator:
         tok_s = tokens / step
         peak_rank = max(mems, key=lambda r: mems[r][0])
         peak, st, act, transient = mems[peak_rank]
-        memory = {"weights": st.weights, "grads": st.grads, "optimizer": st.optimizer, "activations": act,
+        memory = {"weights": st.weights, "grads": st.grads, "optimizer": st.optimizer,
+                  "optimizer_host": st.optimizer_host, "activations": act,
                   "transient": transient, "total": peak}
         est = Estimate(layout=lay, derived=d, step_time=step, tokens_per_s=tok_s,
                        mfu=flops_tok * tok_s / (self.num_devices * self.peak), breakdown={},

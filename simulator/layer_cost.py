@@ -20,6 +20,7 @@ from typing import Literal
 from config import ConfigError
 from moe.config import ModelConfig
 from simulator import comm as C
+from parallel.memory_config import MemoryConfig
 from simulator import memory as M
 from simulator.compute import ComputeModel, Op
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
@@ -72,6 +73,7 @@ class PartCost:
     act: float = 0.0  # saved activation bytes kept on the device
     act_full: float = 0.0  # activation bytes with no recompute (working set while recomputing)
     swapped: float = 0.0  # bytes swapped to host
+    act_whole: float = 0.0  # kept bytes were the layer recomputed whole (`full_layers`)
     ops: list = field(default_factory=list)
 
     def add(self, o: "PartCost", n: float = 1.0) -> None:
@@ -120,7 +122,7 @@ class LayerCosts:
         return n * t * (1 - self.opt.tp_comm_overlap)
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
-        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
+        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap, M.policy_key(lay.memory_policy) if lay.memory_policy else None,
                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap, lay.rank_order)
         hit = self._cache.get(key)
         if hit is None:
@@ -145,7 +147,7 @@ class LayerCosts:
         if kind == "head":
             pcost = self._ops_cost(cm.head(T, tp, sp), "none")
             pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, 1) / 2
-            pcost.act = T * M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused, sp)
+            pcost.act = T * M.saved_bytes_per_token(M.head_saved(cfg, tp, hw.fused, sp), self.b, lay.memory())[0]
             return pcost
 
         mtp = kind == "mtp"
@@ -180,16 +182,17 @@ class LayerCosts:
             self._ep_costs(pcost, ffn_ops, t_moe, lay, d)
         # activations
         kind_ = "moe" if moe else "dense"
-        saved = M.layer_saved(cfg, kind_, tp, d.etp, o.expert_imbalance, sp, t_moe / T, rows / T)
-        if not hw.fused:
-            saved += M.unfused_saved(cfg, kind_, tp, d.etp, o.expert_imbalance, lay.seq_len, sp, rows / T)
-        kept, swapped = M.saved_bytes_per_token(saved, self.b, lay.recompute, lay.swap)
-        full, _ = M.saved_bytes_per_token(saved, self.b, "none")
+        saved = M.layer_saved(cfg, kind_, tp, d.etp, o.expert_imbalance, sp, t_moe / T, rows / T, hw.fused,
+                              lay.seq_len)
+        mem = lay.memory()
+        kept, swapped = M.saved_bytes_per_token(saved, self.b, mem, whole="layer" in mem.recompute)
+        full, _ = M.saved_bytes_per_token(saved, self.b, MemoryConfig())
         pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
-        if mtp:  # its norms and projection input, and another pass through the head
-            pcost.act += T * ((3 if hw.fused else 6) * cfg.hidden_size / sp * self.b
-                              + M.head_saved_bytes_per_token(cfg, tp, self.b, hw.fused, sp))
-        if lay.swap and swapped:
+        pcost.act_whole = T * M.saved_bytes_per_token(saved, self.b, mem, whole=True)[0]
+        if mtp:  # its input norms and projection, and another pass through the head
+            extra = M.mtp_extra_saved(cfg, tp, hw.fused, sp) + M.head_saved(cfg, tp, hw.fused, sp)
+            pcost.act += T * M.saved_bytes_per_token(extra, self.b, mem)[0]
+        if swapped:
             t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat
             pcost.swap = max(0.0, t_swap - pcost.f)
         return pcost

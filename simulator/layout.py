@@ -38,6 +38,9 @@ class Layout(ParallelConfig):
     recompute: Literal["none", "selective", "full"] = "none"
     swap: bool = False  # swap selected activations to host memory, prefetch for backward
     optimizer_offload: bool = False  # optimizer states and step on the host
+    # a recipe's whole `memory:` section (validate's memory cases): the activation formulas then read
+    # it kind by kind; the coarse fields above must be its summary (they drive the time model)
+    memory_policy: Optional[MemoryConfig] = None
 
     def validate(self, path: str = "") -> None:
         super().validate(path)
@@ -46,10 +49,19 @@ class Layout(ParallelConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: must be >= 1, got {getattr(self, name)}")
         self.memory()  # the coarse policy must name a runtime config
+        if self.memory_policy is not None:
+            self.memory_policy.validate(f"{p}memory_policy")
+            coarse = (self.recompute, self.swap, self.optimizer_offload)
+            if coarse != self.memory_policy.summary():
+                raise ConfigError(f"{p}recompute/swap/optimizer_offload: {coarse} do not summarise memory_policy "
+                                  f"(which gives {self.memory_policy.summary()}); set them to its summary()")
 
     def memory(self) -> MemoryConfig:
-        """The runtime's `memory:` section this layout's recompute/swap/offload fields stand for
-        (parallel/memory_config.py holds the mapping, so both sides mean the same module kinds)."""
+        """The runtime's `memory:` section: `memory_policy` when given, else the one this layout's
+        coarse recompute/swap/offload fields stand for (parallel/memory_config.py holds the mapping,
+        so both sides mean the same module kinds)."""
+        if self.memory_policy is not None:
+            return self.memory_policy
         return simulator_policy(self.recompute, self.swap, self.optimizer_offload)
 
     def parallel(self, devices_per_node: int) -> ParallelConfig:

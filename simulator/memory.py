@@ -3,139 +3,215 @@
 Model states (bytes per parameter): weights in the compute dtype; gradients in fp32 (main grads);
 for bf16 training an fp32 master copy; Adam moments 8 bytes. ZeRO-1 shards master weights and
 moments over the data-parallel group of each parameter (dp * cp for dense parameters, the
-expert-data-parallel group for experts); host offload moves them off the device.
+expert-data-parallel group for experts). Optimizer offload (parallel/offload.py) keeps an fp32
+master and both moments of every local parameter on the host, none on the device.
 
-Activations: the tensors each layer saves for backward, listed below per token with the policy
-that drops them. `selective` is the fine-grained policy: recompute norms, activation functions,
-permutation and MLA's up-projections (so q, k, v are rebuilt from the latents); `full` keeps only
-each layer's input. `swap` sends the large swappable tensors (q/k/v, attention output, expert
-inputs and hidden states) to host memory, keeping those of `swap_window` layers on the device for
-prefetch. With TP, heads shard attention tensors, and with sequence parallelism the TP ranks also
-shard the hidden-sized ones; MLA latents are replicated like their projections.
+Activations: the tensors each layer saves for backward, listed below per token as the runtime saves
+them, each with the recompute kinds whose region drops it and the swap regions that move it to the
+host (the kinds of parallel/memory_config.py, so a recipe's `memory:` section is costed kind by
+kind). Rules the lists follow, read off the runtime (parallel/recompute.py: non-reentrant
+checkpoint over a method): a recomputed region keeps its inputs (checkpoint saves them) and drops
+everything saved inside it; its output stays saved by its consumer. So `norm` drops a norm's
+fp32 intermediates but not its output, and `swiglu` keeps both up-projection outputs. `layer`
+(and `full_layers`) keeps only the layer input. A swap region moves what is saved inside it
+(one host copy per saved span, parallel/swap.py; what a consumer outside also saves stays on the
+device too). Not counted: RoPE's per-sequence cos/sin tables and a few per-token scalars of the
+router (under 1 % here), and the reference norm's fp32 copies of bf16 inputs.
+`fused`: the device kernels (flash attention, fused norm and SwiGLU) save only their inputs plus
+small statistics; the CPU reference path also keeps each norm's unscaled input, SiLU's output and
+the attention probabilities. With TP, heads shard attention tensors, and with sequence
+parallelism the TP ranks also shard the hidden-sized ones; MLA latents are replicated like their
+projections.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 from moe import accounting as acc
 from moe.config import ModelConfig
-
-# (name, elements per token, bytes per element or None for the activation dtype, dropped under
-# selective, swappable). "Per token" means per token of the micro-batch on this context-parallel
-# rank (T = micro_batch_size * seq_len / cp), so sharding shows up in the element counts.
-Saved = tuple[str, float, "float | None", bool, bool]
+from parallel.memory_config import MemoryConfig
 
 
-def attention_saved(cfg: ModelConfig, tp: int, sp: int | None = None) -> list[Saved]:
+def policy_key(mem: MemoryConfig) -> tuple:
+    """What of a `memory:` policy the activation formulas read (a cache key)."""
+    return tuple(sorted(mem.recompute)), mem.full_layers, tuple(sorted(mem.swap))
+
+
+class Saved(NamedTuple):
+    """One tensor a layer saves for backward. Elements are per token of the micro-batch on this
+    context-parallel rank (T = micro_batch_size * seq_len / cp), so sharding shows in the counts."""
+
+    name: str
+    elems: float
+    nbytes: Optional[float] = None  # bytes per element; None: the activation dtype
+    drop: tuple = ()  # recompute kinds whose region drops it
+    swap: tuple = ()  # swap regions that move it to the host
+    only: tuple = ()  # saved only as the input of one of these recompute regions (checkpoint keeps it)
+    copy: bool = False  # a second save of a tensor another entry keeps: only its host copy counts
+    rest: bool = False  # the part of a saved view's storage outside the view: on the device with it, not copied
+
+
+ATTN, CORE, UP = ("attention",), ("core_attention",), ("mla_up",)
+
+
+def norm_saved(name: str, width: float, fused: bool, drop: tuple = (), swap: tuple = (),
+               share: float = 1.0) -> list[Saved]:
+    """An RMSNorm's own saves (its input is its producer's entry): the fp32 1/rms of each of its
+    `share` tokens per token and, on the reference path, the normalised input before the gain."""
+    out = [Saved(f"{name}_rstd", share, 4, ("norm",) + drop)]  # 4 bytes a token: left out of swap (tiny)
+    if not fused:
+        out.append(Saved(f"{name}_unscaled", width, None, ("norm",) + drop, swap))
+    return out
+
+
+def core_attention_saved(cfg: ModelConfig, tp: int, fused: bool, seq_len: int, drop: tuple, swap: tuple) -> list[Saved]:
+    """The attention kernel's saves. Its inputs q, k and v's storage (MLA: the whole k_nope|v
+    up-projection output) are what `core_attention` recompute keeps; the flash kernel saves exactly
+    those plus its output and log-sum-exp, the reference path copies of q, k, v and the softmax
+    probabilities (heads x sequence per token)."""
+    H = cfg.num_heads / tp
+    mla = cfg.attention == "mla"
+    qk, v = (H * cfg.qk_head_dim, H * cfg.v_head_dim) if mla else (H * cfg.head_dim, H * cfg.head_dim)
+    inner, region = drop + CORE, swap + CORE
+    inputs = [Saved("q", qk, None, drop, region), Saved("k", qk, None, drop, region),
+              Saved("v", v, None, drop, region)]
+    if mla:  # v is a view of the up-projection's output; its k_nope half shares the storage
+        inputs.append(Saved("v_storage_k_nope", H * cfg.qk_nope_head_dim, None, drop, region, rest=True))
+    if fused:
+        return inputs + [Saved("attn_kernel_out", v, None, inner, region),
+                         Saved("softmax_lse", H, 4, inner, region)]
+    return [s._replace(only=CORE, swap=swap) for s in inputs] + [
+        Saved("q_sdpa", qk, None, inner, region), Saved("k_sdpa", qk, None, inner, region),
+        Saved("attn_probs", H * seq_len, None, inner, region), Saved("v_sdpa", v, None, inner, region)]
+
+
+def attention_saved(cfg: ModelConfig, tp: int, sp: Optional[int] = None, fused: bool = True,
+                    seq_len: int = 0) -> list[Saved]:
     """`sp`: ranks sharing the token dimension outside TP regions (tp with sequence parallelism)."""
     D, H, sp = cfg.hidden_size, cfg.num_heads / tp, sp or tp
-    out: list[Saved] = [("attn_in", D / sp, None, False, False), ("attn_normed", D / sp, None, True, False)]
+    out = [Saved("attn_in", D / sp)] + norm_saved("attn_norm", D / sp, fused, share=1 / sp)
+    out.append(Saved("attn_normed", D / sp, swap=ATTN))  # the projections' input
     if cfg.attention == "mla":
-        if cfg.q_lora_rank:
-            out += [("q_latent", cfg.q_lora_rank, None, False, False),
-                    ("q_latent_normed", cfg.q_lora_rank, None, True, False)]
-        out += [("kv_latent", cfg.kv_lora_rank + cfg.qk_rope_head_dim, None, False, False),
-                ("kv_latent_normed", cfg.kv_lora_rank, None, True, False),
-                ("q", H * cfg.qk_head_dim, None, True, True), ("k", H * cfg.qk_head_dim, None, True, True),
-                ("v", H * cfg.v_head_dim, None, True, True), ("attn_out", H * cfg.v_head_dim, None, False, True)]
+        if cfg.q_lora_rank:  # q_norm runs inside the up-projection region, so mla_up drops its saves
+            out += [Saved("q_latent", cfg.q_lora_rank, swap=ATTN)]
+            out += norm_saved("q_norm", cfg.q_lora_rank, fused, UP, ATTN)
+            out.append(Saved("q_latent_normed", cfg.q_lora_rank, None, UP, ATTN))
+        # kv_latent and k_rope are views of one projection output; k_rope itself is saved only as
+        # the up-projection region's input (and copied to host then), else it rides along
+        rope = cfg.qk_rope_head_dim
+        out += [Saved("kv_latent", cfg.kv_lora_rank, swap=ATTN), Saved("k_rope", rope, swap=ATTN, rest=True),
+                Saved("k_rope_input", rope, None, UP, ATTN, only=UP, copy=True)]
+        out += norm_saved("kv_norm", cfg.kv_lora_rank, fused, UP, ATTN)
+        out.append(Saved("kv_latent_normed", cfg.kv_lora_rank, None, UP, ATTN))
+        out += core_attention_saved(cfg, tp, fused, seq_len, UP, ATTN)
+        v_out = H * cfg.v_head_dim
     else:
-        hkv = cfg.num_kv_heads / tp
-        out += [("q", H * cfg.head_dim, None, False, True), ("k", hkv * cfg.head_dim, None, False, True),
-                ("v", hkv * cfg.head_dim, None, False, True), ("attn_out", H * cfg.head_dim, None, False, True)]
-    out.append(("softmax_lse", H, 4, False, False))
-    if cfg.norm == "sandwich":
-        out.append(("attn_post_norm_in", D / sp, None, False, False))
-    return out
+        out += core_attention_saved(cfg, tp, fused, seq_len, (), ATTN)
+        v_out = H * cfg.head_dim
+    out.append(Saved("attn_out", v_out, swap=ATTN))  # the output projection's input
+    return out + sandwich_post(cfg, "attn", sp, fused)
 
 
-def swiglu_saved(prefix: str, ffn: float, tokens: float = 1.0, swappable: bool = False) -> list[Saved]:
-    # w1 and w3 outputs feed the activation's backward; their product is w2's input.
-    return [(f"{prefix}_w1_out", tokens * ffn, None, False, swappable),
-            (f"{prefix}_w3_out", tokens * ffn, None, False, swappable),
-            (f"{prefix}_act_out", tokens * ffn, None, True, swappable)]
+def swiglu_saved(prefix: str, ffn: float, tokens: float, fused: bool, drop: tuple = (),
+                 swap: tuple = ()) -> list[Saved]:
+    """w1 and w3 outputs (the activation region's inputs); SiLU's output (reference path) and the
+    gated product (w2's input), which `swiglu` recompute drops."""
+    act = drop + ("swiglu",)
+    out = [Saved(f"{prefix}_w1_out", tokens * ffn, None, drop, swap),
+           Saved(f"{prefix}_w3_out", tokens * ffn, None, drop, swap)]
+    if not fused:
+        out.append(Saved(f"{prefix}_silu", tokens * ffn, None, act, swap))
+    return out + [Saved(f"{prefix}_act_out", tokens * ffn, None, act, swap)]
 
 
-def dense_mlp_saved(cfg: ModelConfig, tp: int, sp: int | None = None) -> list[Saved]:
+def sandwich_post(cfg: ModelConfig, name: str, sp: int, fused: bool) -> list[Saved]:
+    if cfg.norm != "sandwich":
+        return []
+    return [Saved(f"{name}_post_norm_in", cfg.hidden_size / sp)] + norm_saved(f"{name}_post_norm",
+                                                                              cfg.hidden_size / sp, fused, share=1 / sp)
+
+
+def dense_mlp_saved(cfg: ModelConfig, tp: int, sp: Optional[int] = None, fused: bool = True) -> list[Saved]:
     D, sp = cfg.hidden_size, sp or tp
-    out: list[Saved] = [("mlp_in", D / sp, None, False, False), ("mlp_normed", D / sp, None, True, False)]
-    out += swiglu_saved("mlp", cfg.dense_ffn_size / tp)
-    if cfg.norm == "sandwich":
-        out.append(("mlp_post_norm_in", D / sp, None, False, False))
-    return out
+    out = [Saved("mlp_in", D / sp)] + norm_saved("mlp_norm", D / sp, fused, share=1 / sp)
+    out.append(Saved("mlp_normed", D / sp, swap=("mlp",)))
+    out += swiglu_saved("mlp", cfg.dense_ffn_size / tp, 1.0, fused, swap=("mlp",))
+    return out + sandwich_post(cfg, "mlp", sp, fused)
 
 
-def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float, sp: int | None = None,
-              home: float | None = None, copies: float | None = None) -> list[Saved]:
+def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float, sp: Optional[int] = None,
+              home: Optional[float] = None, copies: Optional[float] = None, fused: bool = True) -> list[Saved]:
     """`home`: share of the tokens this device dispatches and combines; `copies`: expert rows it
     computes per token. Defaults (sequence parallelism): 1/tp and top_k * etp * imbalance / tp on
     the busiest device."""
     D, k, sp = cfg.hidden_size, cfg.top_k, sp or tp
     home = 1 / tp if home is None else home
     copies = k * etp * imbalance / tp if copies is None else copies
-    out: list[Saved] = [("moe_in", D / sp, None, False, False), ("moe_normed", D / sp, None, True, False),
-                        ("router_scores", cfg.num_experts / sp, 4, False, False),
-                        ("expert_in", copies * D, None, False, True)]
-    out += swiglu_saved("experts", cfg.expert_ffn_size / etp, copies, swappable=True)
-    out.append(("expert_out", k * home * D, None, False, False))
+    E = ("expert_ffn",)
+    out = [Saved("moe_in", D / sp)] + norm_saved("moe_norm", D / sp, fused, share=1 / sp)
+    out += [Saved("moe_normed", D / sp),  # the router's input (and the shared expert's: swapped as a copy)
+            Saved("router_scores", cfg.num_experts / sp, 4), Saved("router_topk", k / sp, 8),
+            Saved("router_weights", k / sp, 4),
+            Saved("permute_index", k * home, 8),  # token of each expert row (the gather's index)
+            Saved("expert_in", copies * D, None, (), E)]  # the grouped GEMM's input: expert_ffn keeps it
+    out += swiglu_saved("experts", cfg.expert_ffn_size / etp, copies, fused, E, E)
+    out += [Saved("expert_out", k * home * D),  # rows back home, saved by the weighted unpermute
+            Saved("unpermute_index", k * home, 8), Saved("unpermute_weights", k * home, 4)]
     if cfg.num_shared_experts:
-        out += swiglu_saved("shared", cfg.num_shared_experts * cfg.expert_ffn_size / tp)
-    if cfg.norm == "sandwich":
-        out.append(("moe_post_norm_in", D / sp, None, False, False))
-    return out
+        out.append(Saved("shared_in", D / sp, swap=("mlp",), copy=True))
+        out += swiglu_saved("shared", cfg.num_shared_experts * cfg.expert_ffn_size / tp, 1.0, fused, swap=("mlp",))
+    return out + sandwich_post(cfg, "moe", sp, fused)
 
 
-def unfused_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, seq_len: int,
-                  sp: int | None = None, copies: float | None = None) -> list[Saved]:
-    """What an unfused implementation (the CPU reference path) keeps on top of `layer_saved`: each
-    RMSNorm its normalised input before the gain, each SwiGLU the SiLU output, and attention without
-    a flash kernel the causal softmax probabilities (heads x sequence per token)."""
-    D = cfg.hidden_size
-    norms = [D / (sp or tp)] * (4 if cfg.norm == "sandwich" else 2)
-    if cfg.attention == "mla":
-        norms += [cfg.kv_lora_rank] + ([cfg.q_lora_rank] if cfg.q_lora_rank else [])
-    out: list[Saved] = [(f"norm{i}_unscaled", n, None, True, False) for i, n in enumerate(norms)]
-    out.append(("attn_probs", cfg.num_heads / tp * seq_len, None, False, False))
+def layer_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, sp: Optional[int] = None,
+                home: Optional[float] = None, copies: Optional[float] = None, fused: bool = True,
+                seq_len: int = 0) -> list[Saved]:
+    """One transformer layer's saves; its first entry is the layer input (all `layer` keeps)."""
+    attn = attention_saved(cfg, tp, sp, fused, seq_len)
     if kind == "dense":
-        out.append(("mlp_silu", cfg.dense_ffn_size / tp, None, True, False))
-    else:
-        copies = cfg.top_k * etp * imbalance / tp if copies is None else copies
-        out.append(("experts_silu", copies * cfg.expert_ffn_size / etp, None, True, True))
-        if cfg.num_shared_experts:
-            out.append(("shared_silu", cfg.num_shared_experts * cfg.expert_ffn_size / tp, None, True, False))
-    return out
+        return attn + dense_mlp_saved(cfg, tp, sp, fused)
+    if kind == "moe":
+        return attn + moe_saved(cfg, tp, etp, imbalance, sp, home, copies, fused)
+    raise ValueError(kind)
 
 
-def head_saved_bytes_per_token(cfg: ModelConfig, tp: int, act_bytes: int, fused: bool = True,
-                               sp: int | None = None) -> float:
-    """Final norm input and output (and, unfused, its unscaled copy), and the fp32 log-probabilities
-    the cross-entropy keeps (vocab-parallel)."""
-    return (2 if fused else 3) * cfg.hidden_size / (sp or tp) * act_bytes + 4 * cfg.vocab_size / tp
+def head_saved(cfg: ModelConfig, tp: int, fused: bool = True, sp: Optional[int] = None) -> list[Saved]:
+    """The final norm (its input is the last layer's output, counted here), the head's input, the
+    fp32 log-probabilities the cross-entropy keeps (vocab-parallel) and the labels."""
+    D, sp = cfg.hidden_size, sp or tp
+    return ([Saved("final_norm_in", D / sp)] + norm_saved("final_norm", D / sp, fused, share=1 / sp)
+            + [Saved("head_in", D / sp), Saved("log_probs", cfg.vocab_size / tp, 4), Saved("labels", 1 / sp, 8)])
 
 
-def saved_bytes_per_token(saved: list[Saved], act_bytes: int, policy: str, swap: bool = False) -> tuple[float, float]:
-    """(bytes kept on the device, bytes swapped to host) per token under a recompute policy."""
-    if policy == "full":
-        first = saved[0]  # the layer input
-        return first[1] * (first[2] or act_bytes), 0.0
+def mtp_extra_saved(cfg: ModelConfig, tp: int, fused: bool = True, sp: Optional[int] = None) -> list[Saved]:
+    """An MTP module outside its transformer block: the two input norms (their inputs are the
+    main model's hidden states and the embeddings, counted there) and the projection's input, the
+    concatenation of both normed halves."""
+    D, sp = cfg.hidden_size, sp or tp
+    return (norm_saved("mtp_hidden_norm", D / sp, fused, share=1 / sp) + norm_saved("mtp_embed_norm", D / sp, fused, share=1 / sp)
+            + [Saved("mtp_proj_in", 2 * D / sp)])
+
+
+def saved_bytes_per_token(saved: list[Saved], act_bytes: int, mem: MemoryConfig,
+                          whole: bool = False) -> tuple[float, float]:
+    """(bytes kept on the device, bytes swapped to host) per token under the `memory:` policy `mem`.
+    `whole`: the layer is recomputed whole (recompute `layer`, or one of the first `full_layers`),
+    which keeps its input, the first entry, alone (the head and MTP norms are outside any layer)."""
+    if whole:
+        first = saved[0]
+        return first.elems * (first.nbytes or act_bytes), 0.0
+    on, swap = set(mem.recompute), set(mem.swap)
     kept = swapped = 0.0
-    for _, elems, eb, drop_sel, swappable in saved:
-        if policy == "selective" and drop_sel:
+    for s in saved:
+        if on.intersection(s.drop) or (s.only and not on.intersection(s.only)):
             continue
-        nbytes = elems * (eb or act_bytes)
-        if swap and swappable:
-            swapped += nbytes
-        else:
+        nbytes = s.elems * (s.nbytes or act_bytes)
+        if swap.intersection(s.swap):
+            swapped += 0.0 if s.rest else nbytes
+        elif not s.copy:
             kept += nbytes
     return kept, swapped
-
-
-def layer_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float, sp: int | None = None,
-                home: float | None = None, copies: float | None = None) -> list[Saved]:
-    if kind == "dense":
-        return attention_saved(cfg, tp, sp) + dense_mlp_saved(cfg, tp, sp)
-    if kind == "moe":
-        return attention_saved(cfg, tp, sp) + moe_saved(cfg, tp, etp, imbalance, sp, home, copies)
-    raise ValueError(kind)
 
 
 @dataclass
@@ -143,6 +219,7 @@ class StateBytes:
     weights: float
     grads: float
     optimizer: float  # master weights + moments on the device
+    optimizer_host: float = 0.0  # the same states under optimizer offload (fp32 masters + moments)
 
     @property
     def total(self) -> float:
@@ -174,13 +251,10 @@ def stage_params(cfg: ModelConfig, n_dense: int, n_moe: int, first: bool, last: 
 
 def state_bytes(dense: float, expert: float, dtype_bytes: int, dense_dp: int, expert_dp: int, zero1: bool,
                 offload: bool) -> StateBytes:
-    master = 4 if dtype_bytes != 4 else 0
-    opt_per_param = master + 8
-    if offload:
-        opt = 0.0
-    elif zero1:
-        opt = opt_per_param * (dense / dense_dp + expert / expert_dp)
-    else:
-        opt = opt_per_param * (dense + expert)
+    # Offload keeps an fp32 master of every local parameter on the host even in fp32 training
+    # (the host step updates it, then copies it back): 12 bytes a parameter there, none here.
+    local = dense / dense_dp + expert / expert_dp if zero1 else dense + expert
+    on_device = (4 if dtype_bytes != 4 else 0) + 8
     n = dense + expert
-    return StateBytes(weights=dtype_bytes * n, grads=4.0 * n, optimizer=opt)
+    return StateBytes(weights=dtype_bytes * n, grads=4.0 * n, optimizer=0.0 if offload else on_device * local,
+                      optimizer_host=12.0 * local if offload else 0.0)

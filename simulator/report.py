@@ -49,7 +49,7 @@ def describe(est: Estimate, model_name: str = "", num_devices: int = 0, usable_g
         lines.append("  busy s per pipeline stage: " + " ".join(f"{x:.2f}" for x in est.stage_busy))
     lines += ["", "memory on the fullest device:"]
     for k, v in est.memory.items():
-        lines.append(f"  {k:<12} {v / GB:9.2f} GiB")
+        lines.append(f"  {k:<14} {v / GB:7.2f} GiB")
     if est.stage_memory:
         lines.append("  per pipeline rank: " + " ".join(f"{x / GB:.1f}" for x in est.stage_memory))
     if est.ops:

@@ -9,6 +9,7 @@ from moe import accounting as acc
 from config import ConfigError, from_dict
 from moe.config import ModelConfig
 from simulator import comm as C
+from parallel.memory_config import MemoryConfig
 from simulator import memory as M
 from simulator.compute import ComputeModel
 from parallel.layout import noop_placement
@@ -198,42 +199,69 @@ def test_chrome_trace(tmp_path):
 # memory
 
 
-def _per_token(saved, policy, swap=False):
-    return M.saved_bytes_per_token(saved, 2, policy, swap)
+def _per_token(saved, **policy):
+    return M.saved_bytes_per_token(saved, 2, MemoryConfig(**policy), whole="layer" in policy.get("recompute", []))
+
+
+SELECTIVE = dict(recompute=["norm", "swiglu", "mla_up"])
 
 
 def test_activation_bytes_per_policy_by_hand():
     cfg = tiny()
     dense = M.layer_saved(cfg, "dense", tp=1, etp=1, imbalance=1.0)
-    # attention: in 8, normed 8, q latent 4 + normed 4, kv latent 6+2 + normed 6, q 2*5, k 2*5,
-    # v 2*5, out 2*5 -> 78 bf16 values, + lse 2 fp32, + post-norm input 8 -> 180 bytes;
-    # MLP: in 8, normed 8, w1 12, w3 12, act 12, post-norm input 8 -> 120 bytes
-    assert _per_token(dense, "none") == (300, 0)
-    # selective drops the normed copies (8, 4, 6, 8), q/k/v (30) and the activation output (12)
-    assert _per_token(dense, "selective") == (300 - 2 * 68, 0)
-    assert _per_token(dense, "full") == (16, 0)  # the layer input only
-    # swap moves q, k, v and the attention output (40 values) to the host
-    assert _per_token(dense, "none", swap=True) == (220, 80)
+    # attention (fused kernels), bf16 values: in 8, normed 8, q latent 4 + normed 4, kv latent 6 +
+    # its rope part 2 + normed 6, kernel q 2*5, k 10, v 10 (+ the k_nope half of v's storage 6),
+    # kernel output 10, output projection input 10, post-norm input 8 -> 102 values = 204 bytes;
+    # fp32: four 1/rms (16) and the log-sum-exp of 2 heads (8) -> 228 bytes.
+    # MLP: in 8, normed 8, w1 12, w3 12, product 12, post-norm input 8 = 60 values + two 1/rms -> 128
+    assert _per_token(dense) == (356, 0)
+    # selective: the norms' 1/rms (6 x 4), mla_up's region (normed latents 10, q/k/v and storage 36,
+    # kernel output 10, lse 8 bytes) and swiglu's product 12 -> 68 values and 32 bytes
+    assert _per_token(dense, **SELECTIVE) == (356 - 136 - 32, 0)
+    assert _per_token(dense, recompute=["layer"]) == (16, 0)  # the layer input only
+    # swap attention: what MLA.forward saves (normed input, latents, q/k/v, kernel output and lse,
+    # output projection input) leaves: 78 values + 8 bytes; the storage rest parts (k_rope 2,
+    # k_nope 6) leave with their views but are not copied
+    assert _per_token(dense, swap=["attention"]) == (356 - 164 - 16, 164)
     moe = M.layer_saved(cfg, "moe", tp=1, etp=1, imbalance=1.0)
-    # MoE part: in 8 + normed 8, scores 4 fp32, expert input 2*8, expert w1/w3/act 3 * 2*3,
-    # expert output 2*8, shared w1/w3/act 3 * 6, post-norm input 8 -> 200 bytes
-    assert _per_token(moe, "none") == (180 + 200, 0)
+    # MoE part: in 8 + normed 8, expert input 2*8, expert w1/w3/product 3 * 2*3, rows back 2*8,
+    # shared w1/w3/product 3 * 6, post-norm input 8 -> 92 values = 184 bytes; plus fp32 router
+    # scores 4 x 4, top-k ids 2 x 8 and weights 2 x 4, the permute and unpermute indices 2 x 16,
+    # the unpermute weights 8, two 1/rms 8 -> 272 bytes
+    assert _per_token(moe) == (228 + 272, 0)
+    # swapping the shared expert (`mlp`) copies its input too, which the router keeps on the device
+    assert _per_token(moe, swap=["mlp"]) == (500 - 36, 36 + 16)
+
+
+def test_reference_path_saves_more():
+    cfg = tiny()
+    fused = M.layer_saved(cfg, "dense", tp=1, etp=1, imbalance=1.0, fused=True, seq_len=16)
+    ref = M.layer_saved(cfg, "dense", tp=1, etp=1, imbalance=1.0, fused=False, seq_len=16)
+    # unscaled norm inputs 8+4+6+8+8+8, SiLU output 12; attention copies q/k/v 30 and probabilities
+    # 2 heads x 16 positions instead of the kernel's v storage rest 6, output 10 and lse (8 bytes)
+    assert _per_token(ref)[0] - _per_token(fused)[0] == 2 * (42 + 12 + 62 - 46) - 8
+    # core_attention recompute on the reference path keeps its inputs q, k, v (+ storage rest)
+    assert _per_token(ref)[0] - _per_token(ref, recompute=["core_attention"])[0] == 2 * (62 - 36)
 
 
 def test_sequence_parallel_shards_hidden_sized_activations():
     cfg = tiny()
-    with_sp = sum(e for _, e, _, _, _ in M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0))
-    without = sum(e for _, e, _, _, _ in M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0, sp=1))
+    with_sp = _per_token(M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0))[0]
+    without = _per_token(M.layer_saved(cfg, "dense", tp=2, etp=1, imbalance=1.0, sp=1))[0]
     # six hidden-sized tensors (attention and MLP inputs, normed copies, post-norm inputs) of D=8:
-    # 4 values each per rank with sequence parallelism over 2 ranks, 8 without
-    assert without - with_sp == 6 * (8 - 4)
+    # 4 bf16 values each per rank with sequence parallelism over 2 ranks, 8 without; and the four
+    # hidden norms' fp32 1/rms for half the tokens
+    assert without - with_sp == 6 * (8 - 4) * 2 + 4 * 0.5 * 4
 
 
 def test_model_states_by_hand():
     st = M.state_bytes(dense=100, expert=40, dtype_bytes=2, dense_dp=4, expert_dp=2, zero1=True, offload=False)
     assert (st.weights, st.grads, st.optimizer) == (280, 560, 12 * (100 / 4 + 40 / 2))
     assert M.state_bytes(100, 40, 2, 4, 2, zero1=False, offload=False).optimizer == 12 * 140
-    assert M.state_bytes(100, 40, 2, 4, 2, zero1=True, offload=True).optimizer == 0
+    off = M.state_bytes(100, 40, 2, 4, 2, zero1=True, offload=True)
+    # offload: this rank's shard of fp32 masters + both moments on the host, nothing on the device
+    assert (off.optimizer, off.optimizer_host) == (0, 12 * (100 / 4 + 40 / 2))
+    assert M.state_bytes(100, 40, 4, 4, 2, zero1=False, offload=True).optimizer_host == 12 * 140  # fp32 too
     assert M.state_bytes(100, 40, 4, 4, 2, zero1=False, offload=False).optimizer == 8 * 140  # fp32: no master
 
 
@@ -243,14 +271,16 @@ def test_simulator_memory_of_a_tiny_model_by_hand():
     lay = Layout(micro_batch_size=2, global_batch_size=2, seq_len=16, dispatcher="local")
     est = sim.estimate(lay)
     T = 32
-    head = 2 * 8 * 2 + 4 * 10  # final norm in/out (bf16) + fp32 log-probabilities
-    assert est.memory["activations"] == pytest.approx(T * (300 + 380 + head))
+    # final norm in/out (bf16) + its fp32 1/rms + fp32 log-probabilities + int64 labels
+    head = 2 * 8 * 2 + 4 + 4 * 10 + 8
+    assert est.memory["activations"] == pytest.approx(T * (356 + 500 + head))  # the layers as above
     assert est.memory["transient"] == pytest.approx(4 * T * 10)  # logits gradient
     n = acc.param_counts(cfg).total
     assert est.memory["weights"] == pytest.approx(2 * n)
     assert est.memory["grads"] == pytest.approx(4 * n)
-    # two pipeline stages: rank 0 holds two micro-batches in flight under 1F1B
-    sim2 = Simulator(cfg, profile(), 2, SimOptions(dtype="bf16"))
+    # two pipeline stages of one dense layer each: rank 0 holds two micro-batches in flight under
+    # 1F1B (2 x 356 bytes a token), rank 1 one (356 + the head's 84, + the logits' gradient)
+    sim2 = Simulator(tiny(num_layers=2, first_k_dense=2), profile(), 2, SimOptions(dtype="bf16"))
     est2 = sim2.estimate(Layout(pp=2, micro_batch_size=2, global_batch_size=4, seq_len=16, dispatcher="local"))
     assert est2.stage_memory[0] > est2.stage_memory[1]
 
