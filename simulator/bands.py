@@ -16,15 +16,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+from parallel.config import DEFAULT_RANK_ORDER
+
 # Features the validation can exercise; a layout feature outside this list is never in a band.
 KNOWN = ("tp", "ep", "dp", "tp_extend_ep", "pp", "vpp", "cp", "alltoall", "allgather", "hierarchical",
-         "zero1", "recompute", "swap", "optimizer_offload")
+         "zero1", "recompute", "swap", "optimizer_offload", "rank_order")
 
 
 def layout_features(tp: int = 1, ep: int = 1, dp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1,
                     tp_extend_ep: bool = False, dispatcher: str = "local", zero1: bool = False,
-                    recompute: str = "none", swap: bool = False, optimizer_offload: bool = False) -> set[str]:
-    """What a layout exercises beyond one process running the whole model."""
+                    recompute: str = "none", swap: bool = False, optimizer_offload: bool = False,
+                    rank_order: str = DEFAULT_RANK_ORDER) -> set[str]:
+    """What a layout exercises beyond one process running the whole model ("rank_order": another
+    order than Megatron's where it changes the groups)."""
     out = {name for name, n in (("tp", tp), ("ep", ep), ("dp", dp), ("pp", pp), ("vpp", vpp), ("cp", cp)) if n > 1}
     if tp_extend_ep and tp > 1:
         out.add("tp_extend_ep")
@@ -35,6 +39,8 @@ def layout_features(tp: int = 1, ep: int = 1, dp: int = 1, pp: int = 1, vpp: int
     if recompute != "none":
         out.add("recompute")
     out |= {name for name, on in (("swap", swap), ("optimizer_offload", optimizer_offload)) if on}
+    if rank_order != DEFAULT_RANK_ORDER and tp > 1 and dp * cp > 1:
+        out.add("rank_order")
     return out
 
 

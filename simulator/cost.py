@@ -370,7 +370,7 @@ class Simulator:
         band = band_for(layout_features(
             tp=lay.tp, ep=d.ep, dp=d.dp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, tp_extend_ep=lay.tp_extend_ep,
             dispatcher=lay.dispatcher, zero1=lay.zero1, recompute=lay.recompute, swap=lay.swap,
-            optimizer_offload=lay.optimizer_offload), self.hw.error_bands)
+            optimizer_offload=lay.optimizer_offload, rank_order=lay.rank_order), self.hw.error_bands)
         if band is not None:
             est.error_band_pct, est.unvalidated = band[:2], band[2]
             est.step_time_band = step_time_interval(est.step_time, *band[:2])

@@ -40,6 +40,10 @@ def test_layout_features():
     assert layout_features(tp=2, ep=2, dp=2, tp_extend_ep=True, dispatcher="hierarchical", zero1=True) == \
         {"tp", "ep", "dp", "tp_extend_ep", "hierarchical", "zero1"}
     assert layout_features(ep=1, dispatcher="alltoall") == set()  # no exchange without EP
+    # another rank order counts where it changes the groups: tp > 1 and several data ranks
+    assert "rank_order" in layout_features(tp=2, ep=2, dp=2, rank_order="dp-cp-tp")
+    assert "rank_order" not in layout_features(tp=2, dp=1, rank_order="dp-cp-tp")
+    assert "rank_order" not in layout_features(tp=2, dp=2)
 
 
 def test_bands_are_recorded_into_the_profile_and_replace_the_old_ones(tmp_path):
