@@ -21,7 +21,7 @@ from typing import Optional
 from config import ConfigError
 from moe.config import ModelConfig
 from parallel.config import ParallelConfig
-from simulator.hardware import HardwareProfile, Link, load_hardware
+from simulator.hardware import HardwareProfile, load_hardware
 from simulator.layer_cost import LayerCosts, SimOptions
 from simulator.layout import Layout, derive
 
@@ -63,10 +63,8 @@ def link_profile(parallel: ParallelConfig, device: str = "cpu") -> tuple[Hardwar
         raise ConfigError(f"parallel.dispatcher_profile: {e}") from None
     label = hw.name
     links = parallel.emulate_links
+    hw = hw.with_emulated_links(links)
     if links is not None:
-        hw = replace(hw, intra_node=Link(links.intra_node.bandwidth_gbps, links.intra_node.latency_us),
-                     inter_node=Link(links.inter_node.bandwidth_gbps, links.inter_node.latency_us),
-                     collective_links={})
         label += (f", emulated links intra {links.intra_node.bandwidth_gbps:g} GB/s {links.intra_node.latency_us:g} us,"
                   f" inter {links.inter_node.bandwidth_gbps:g} GB/s {links.inter_node.latency_us:g} us")
     return hw, label

@@ -177,6 +177,16 @@ class HardwareProfile:
                        op_costs={k: [a * fixed, b * work] for k, (a, b) in self.op_costs.items()},
                        optimizer_cost=[x * optimizer for x in self.optimizer_cost])
 
+    def with_emulated_links(self, links) -> "HardwareProfile":
+        """The profile as a run under `parallel.emulate_links` (`links`; None: unchanged) sees it: its
+        two link classes replaced by the emulated ones and no per-collective measured links (the
+        emulation charges every collective on those two classes, parallel/link_model.py)."""
+        if links is None:
+            return self
+        return replace(self, intra_node=Link(links.intra_node.bandwidth_gbps, links.intra_node.latency_us),
+                       inter_node=Link(links.inter_node.bandwidth_gbps, links.inter_node.latency_us),
+                       collective_links={})
+
     def corrected(self) -> "HardwareProfile":
         """The forward/backward compute rates with the profile's corrections folded in (and reset
         to 1). The optimizer's calibrated cost is a measured step of its own and stays."""

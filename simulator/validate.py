@@ -88,7 +88,9 @@ def case_layout(c: Case) -> Layout:
     """The case as a simulator layout: its `parallel:` section plus the batch it trains."""
     par = c.parallel_section()
     dp = par.data_parallel(c.world)
-    return Layout(**asdict(par), micro_batch_size=c.micro_batch_size, seq_len=c.seq_len, recompute="none",
+    # asdict would turn emulate_links into a mapping: the layout keeps the object
+    return Layout(**{**asdict(par), "emulate_links": par.emulate_links}, micro_batch_size=c.micro_batch_size,
+                  seq_len=c.seq_len, recompute="none",
                   global_batch_size=c.micro_batch_size * c.grad_accum * dp)
 
 
@@ -129,6 +131,7 @@ def predict(model: ModelConfig, hw: HardwareProfile, c: Case, imbalance: float =
     """Step time and activation bytes of one case. `slowdown`: the machine's measured slowdown during
     the case (the speed probe's ratio, concurrency included); without it, the calibration's."""
     prof = scaled_profile(hw, slowdown) if slowdown else case_profile(hw, c)
+    prof = prof.with_emulated_links(c.parallel.emulate_links)  # emulated-link cases (validate_links_cpu.yaml)
     sim = Simulator(model, prof, c.world, sim_options(imbalance, c.world))
     est = sim.estimate(case_layout(c))
     T = c.micro_batch_size * c.seq_len
