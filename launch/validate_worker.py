@@ -8,7 +8,8 @@ wall - run-queue delay: what the step would take on cores of its own, waits for 
 It also records the expert-parallel load imbalance the step's routing produced, under pipeline
 parallelism the step's measured bubble fraction (parallel/pipeline_schedule.py), and after each
 step, outside the timed region and on all ranks at once, the speed probe (`simulator/probe.py`):
-how fast the machine ran around that step.
+how fast the machine ran around that step. The step's measured memory (`mem_*`: saved activations
+at peak, swapped bytes, optimizer bytes on the device and the host) rides along for memory cases.
 
 Usage: python -m launch.validate_worker RECIPE.yaml STEPS OUT_PREFIX   (writes OUT_PREFIX.rank<r>.json)
 """
@@ -64,7 +65,8 @@ def timed_step(ctx, step: int) -> dict:
     return {"wall_s": wall, "cpu_s": time.thread_time() - c0, "run_delay_s": delay,
             "busy_s": max(0.0, wall - delay),
             "ep_imbalance": ep_imbalance(global_load(m.get("expert_load", []), ctx.runtime),
-                                         ctx.recipe.parallel.expert_parallel)}
+                                         ctx.recipe.parallel.expert_parallel),
+            **{k: v for k, v in m.items() if k.startswith("mem_")}}  # measured bytes (parallel/memory.py)
 
 
 def main(argv: list[str]) -> int:

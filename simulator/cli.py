@@ -13,6 +13,7 @@ Every configuration error is reported as one line naming the field and the fix (
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,9 @@ def cmd_validate(args) -> int:
         calibrate(hw, threads=args.threads)
     if args.models:
         return _validate_models(hw, args)
+    mem_ok = _validate_memory(hw, args)
+    if args.memory:
+        return 0 if mem_ok else 1
     rows = run_validation(hw, args.config or DEFAULT_CONFIG, workdir=Path(args.workdir) if args.workdir else None,
                           only=args.case)
     print()
@@ -160,7 +164,32 @@ def cmd_validate(args) -> int:
                   f"{len(bands) - 1} features")
     if args.out:
         print("report: " + ", ".join(str(x) for x in write_validation_report(rows, s, str(hw), args.out)))
-    return 0 if s["pass"] else 1
+    return 0 if s["pass"] and mem_ok else 1
+
+
+def _validate_memory(hw, args) -> bool:
+    """The memory cases (simulator/validate_memory.py): predicted vs measured bytes, 10 % target."""
+    from simulator.validate import DEFAULT_CONFIG
+    from simulator.validate_memory import MEMORY_COLUMNS, TARGET_PCT, run_memory_validation, summarize_memory
+    print("memory cases (predicted / measured bytes of one step)")
+    rows = run_memory_validation(hw, args.config or DEFAULT_CONFIG, Path(args.workdir) if args.workdir else None,
+                                 args.case)
+    if not rows:
+        return True
+    print()
+    print(table(rows, MEMORY_COLUMNS))
+    s = summarize_memory(rows)
+    worst = s["memory_max_abs_error_pct"]
+    print(f"\nmemory: {s['memory_measured']} of {s['memory_cases']} cases measured, worst |error| "
+          + (f"{worst:.1f}%" if worst is not None else "n/a")
+          + f" (target <= {TARGET_PCT:.0f}% for every quantity: {'PASS' if s['memory_pass'] else 'FAIL'})\n")
+    if args.out:
+        out = Path(args.out)
+        path = (out.parent if out.suffix == ".json" else out) / "validation_memory.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"summary": s, "cases": rows}, indent=1, default=str))
+        print(f"memory report: {path}")
+    return s["memory_pass"]
 
 
 def _validate_models(hw, args) -> int:
@@ -229,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="store_true",
                    help="check the model search instead: train its predicted best and worst shapes "
                         "(--config default configs/simulator/validate_models_cpu.yaml)")
+    p.add_argument("--memory", action="store_true",
+                   help="run only the memory cases: predicted vs measured activation, swap and optimizer bytes")
     p.add_argument("--workdir", help="where the runs go (default: a temporary directory)")
     p.add_argument("--out", help="report directory: validation.json, .md (a table per case) and .png "
                                  "(predicted vs measured); or a .json path, the others beside it")

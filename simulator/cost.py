@@ -357,6 +357,7 @@ class Simulator:
                        memory=memory, peak_memory=peak, fits=peak <= usable, hardware=self.hw.name,
                        model_flops_per_token=flops_tok, timeline=tl,
                        stage_memory=[mems[r][0] for r in sorted(mems)] if tl is not None else [],
+                       stage_activations=[mems[r][2] for r in sorted(mems)] if tl is not None else [],
                        mfu_by_convention={c: f * tok_s / (self.num_devices * self.peak)
                                           for c, f in self._convention_flops(lay.seq_len).items()},
                        tokens_per_s_per_device=tok_s / self.num_devices, peak_flops_per_s=self.peak)

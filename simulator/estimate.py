@@ -25,6 +25,7 @@ class Estimate:
     hardware: str
     model_flops_per_token: float
     stage_memory: list = field(default_factory=list)  # peak bytes per pipeline rank
+    stage_activations: list = field(default_factory=list)  # saved-activation bytes at peak per pipeline rank
     ops: dict = field(default_factory=dict)  # per-step seconds by operator on the busiest stage
     timeline: Optional[Timeline] = None
     # MFU under each published FLOP convention (moe/mfu_conventions.py); `mfu` is "ultramoe"'s

@@ -38,6 +38,7 @@ from simulator.hardware import HardwareProfile, load_hardware
 from simulator.bands import layout_features
 from simulator.machine import profile_mismatch, quick_probe
 from parallel.config import ParallelConfig
+from parallel.memory_config import MemoryConfig
 from simulator.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +68,27 @@ class Case:
 
 
 @dataclass
+class MemoryCase(Case):
+    """A memory case: a layout plus the recipe's `memory:` section (simulator/validate_memory.py)."""
+
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        self.memory.validate(f"{path}.memory")
+        if self.parallel.pp > 1 and self.world != self.parallel.pp:
+            raise ConfigError(f"{path}.world: a pipeline memory case compares rank by rank, one rank per stage; "
+                              f"set world: {self.parallel.pp} (= parallel.pp)")
+
+
+@dataclass
 class ValidateConfig:
     model: ModelConfig
     cases: list[Case] = field(default_factory=list)
     steps: int = 7
     warmup_steps: int = 2
+    memory_cases: list[MemoryCase] = field(default_factory=list)
+    memory_steps: int = 2  # memory is deterministic given the routing: the last step is compared
 
     def validate(self, path: str = "") -> None:
         if self.steps <= self.warmup_steps:
@@ -155,7 +172,8 @@ def case_features(c: Case) -> list[str]:
                                   dispatcher=par.dispatcher, zero1=par.zero1))
 
 
-def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
+def case_recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
+    """The trainer recipe (as a dict) that runs case `c`."""
     return {
         "model": asdict(model),
         "train": {"steps": steps, "micro_batch_size": c.micro_batch_size, "grad_accum": c.grad_accum,
@@ -163,6 +181,7 @@ def _recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:
                   "eval_batches": 1, "out_dir": str(out_dir), "tensorboard": False, "progress": False},
         "data": {"path": "embedded", "tokenizer": "byte", "cache_dir": str(ROOT / "data")},
         "parallel": asdict(c.parallel_section()),
+        **({"memory": asdict(c.memory)} if isinstance(c, MemoryCase) else {}),
     }
 
 
@@ -171,11 +190,18 @@ def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, 
     """Run the trainer for one case (`validate_worker`, under torchrun for several ranks); return the
     median post-warm-up step's busy time (of its slowest rank), the median wall time, and the median
     speed probe (of the slowest rank, seconds) around those steps."""
+    ranks = run_case(model, c, steps, threads, workdir, timeout_s)
+    return ranks if isinstance(ranks, dict) else aggregate_steps(ranks, warmup)
+
+
+def run_case(model: ModelConfig, c: Case, steps: int, threads: int, workdir: Path,
+             timeout_s: float = 600.0) -> "list[list[dict]] | dict":
+    """The worker's per-rank step records for one case, or {"error": why}."""
     out_dir = workdir / c.name
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     recipe_path = out_dir / "recipe.in.yaml"
-    recipe_path.write_text(yaml.safe_dump(_recipe(model, c, steps, out_dir), sort_keys=False))
+    recipe_path.write_text(yaml.safe_dump(case_recipe(model, c, steps, out_dir), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     prefix = out_dir / "steps"
     worker = ["-m", WORKER, str(recipe_path), str(steps), str(prefix)]
@@ -194,7 +220,7 @@ def measure(model: ModelConfig, c: Case, steps: int, warmup: int, threads: int, 
     ranks = [json.loads(p.read_text())["steps"] for p in sorted(out_dir.glob("steps.rank*.json"))]
     if len(ranks) != c.world or any(len(r) != steps for r in ranks):
         return {"error": f"expected {c.world} ranks with {steps} steps each"}
-    return aggregate_steps(ranks, warmup)
+    return ranks
 
 
 def aggregate_steps(ranks: list[list[dict]], warmup: int) -> dict:
