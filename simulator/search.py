@@ -108,12 +108,13 @@ def _group_dispatchers(cfg, n_dev: int, space: LayoutSpace, tp, cp, pp, vpp, ep,
     return ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
 
 
-def _order_matters(order: str, space: LayoutSpace, tp: int, tp_extend_ep: bool, data_ranks: int) -> bool:
+def _order_matters(order: str, space: LayoutSpace, tp: int, ep: int, tp_extend_ep: bool, data_ranks: int) -> bool:
     """Whether to cost `order`: the space's first order always; another only where it gives other
-    groups than the first (it needs tp > 1 and several data ranks) and check_world allows it."""
+    groups than the first (tp > 1 and several data ranks), check_world allows it (no TP-extend-EP)
+    and it can pay: moving tp outward only brings EP peers together, so without EP it never wins."""
     if order == space.rank_order[0]:
         return True
-    return tp > 1 and data_ranks > 1 and not tp_extend_ep
+    return tp > 1 and ep > 1 and data_ranks > 1 and not tp_extend_ep
 
 
 def _cost_policies(sim: Simulator, space: LayoutSpace, lay0: Layout, dispatchers: list[str]):
@@ -154,7 +155,7 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
             bar.update(1)
         enumerated += inner
         dispatchers = _group_dispatchers(cfg, n_dev, space, tp, cp, pp, vpp, ep, tpx, sp)
-        if not dispatchers or not _order_matters(order, space, tp, tpx, n_dev // (tp * cp * pp) * cp):
+        if not dispatchers or not _order_matters(order, space, tp, ep, tpx, n_dev // (tp * cp * pp) * cp):
             continue
         for zero1, offload in itertools.product(space.zero1, space.optimizer_offload):
             lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, sequence_parallel=sp, cp=cp,
