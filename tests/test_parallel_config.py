@@ -62,7 +62,7 @@ def test_unknown_dispatcher_in_yaml():
     with pytest.raises(ConfigError) as e:
         from_dict(ParallelConfig, {"dispatcher": "ring"}, "parallel")
     assert str(e.value) == ("parallel.dispatcher: got 'ring'; allowed: one of 'local', 'allgather', 'alltoall', "
-                            "'hierarchical'")
+                            "'hierarchical', 'auto'")
 
 
 def test_bad_layout_fails_before_any_process_group(monkeypatch):
