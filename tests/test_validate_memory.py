@@ -93,3 +93,15 @@ def test_swap_copies_each_saved_span_once():
     assert swap.swapped_bytes == 3 * 2 * 8 * 32 * 4  # h, p and the square's input, one copy each
     for a, b in zip(got, run(None)):
         assert torch.equal(a, b)
+
+
+def test_bad_memory_case_or_layout_is_one_clear_error():
+    from config import ConfigError
+    from simulator.layout import Layout
+    pol = MemoryConfig(recompute=["layer"])
+    with pytest.raises(ConfigError, match=r"layout\.recompute/swap/optimizer_offload: .* set them to its summary"):
+        Layout(dispatcher="local", recompute="none", memory_policy=pol).validate("layout")
+    Layout(dispatcher="local", recompute="full", memory_policy=pol).validate("layout")  # consistent: fine
+    case = replace(CASES["mem-pp2"], world=4)
+    with pytest.raises(ConfigError, match=r"cases\.world: .*one rank per stage; set world: 2"):
+        case.validate("cases")
