@@ -171,7 +171,6 @@ def _validate_memory(hw, args) -> bool:
     """The memory cases (simulator/validate_memory.py): predicted vs measured bytes, 10 % target."""
     from simulator.validate import DEFAULT_CONFIG
     from simulator.validate_memory import MEMORY_COLUMNS, TARGET_PCT, run_memory_validation, summarize_memory
-    print("memory cases (predicted / measured bytes of one step)")
     rows = run_memory_validation(hw, args.config or DEFAULT_CONFIG, Path(args.workdir) if args.workdir else None,
                                  args.case)
     if not rows:

@@ -142,6 +142,8 @@ def run_memory_validation(hw_path, config, workdir: Optional[Path] = None, only:
     hw = load_hardware(hw_path)
     cfg = load_validate_config(config)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="simvalidate-mem-"))
+    if any(not only or c.name in only for c in cfg.memory_cases):
+        log("memory cases (predicted / measured bytes of one step)")
     return run_memory_cases(cfg.model, hw, cfg.memory_cases, cfg.memory_steps, max(1, hw.cpu_threads), workdir,
                             only, log)
 
