@@ -98,6 +98,8 @@ def spawn(target, world: int, args):
                 for p in procs:
                     p.kill()
                 raise SystemExit(f"a benchmark rank failed (exit codes {failed}); see its traceback above")
+            if all(p.exitcode == 0 for p in procs) and queue.empty():
+                raise SystemExit("every benchmark rank exited without rank 0 reporting a result")
             time.sleep(0.5)
         result = queue.get()
         for p in procs:

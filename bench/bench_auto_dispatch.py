@@ -46,7 +46,9 @@ def _build(rank: int, world: int, args) -> tuple[list, list]:
                              grad_bucket_mb=0.25, dispatcher="auto")
         choice = choose_dispatcher(cfg, par, world, args.batch, args.seq, device="cpu", dtype="fp32")
         choices.append((label, choice.dispatcher, choice.predicted_s))
-        for name in FIXED + ("auto",):
+        # a dispatcher the layout rules reject (check_world; e.g. hierarchical when devices_per_node
+        # does not fit ep) has no prediction and is not run: the report marks it "rejected"
+        for name in [n for n in FIXED if n in choice.predicted_s] + ["auto"]:
             dispatcher = choice.dispatcher if name == "auto" else name
             parallel = replace(par, dispatcher=dispatcher)
             runs.append((w, name, parallel.emulate_links, *build_run(cfg, parallel), []))
@@ -79,7 +81,7 @@ def _paired(rows, w: int) -> tuple[dict, dict]:
     machine's load between steps then cancels."""
     times = {name: t for ww, name, t in rows if ww == w}
     med = {name: statistics.median(t) for name, t in times.items()}
-    ratio = {n: statistics.median(a / b for a, b in zip(times["auto"], times[n])) for n in FIXED}
+    ratio = {n: statistics.median(a / b for a, b in zip(times["auto"], times[n])) for n in FIXED if n in times}
     return med, ratio
 
 
@@ -98,8 +100,8 @@ def _report(args, choices, rows) -> bool:
         best, worst = max(ratio.values()), min(ratio.values())
         ok = worst <= 1.0 and best <= 1.05
         all_ok &= ok
-        pred = " / ".join(f"{1e3 * predicted[n]:.0f}" for n in FIXED)
-        print(f"| {label} | " + " | ".join(f"{1e3 * med[n]:.0f} ms" for n in FIXED)
+        pred = " / ".join(f"{1e3 * predicted[n]:.0f}" if n in predicted else "-" for n in FIXED)
+        print(f"| {label} | " + " | ".join(f"{1e3 * med[n]:.0f} ms" if n in med else "rejected" for n in FIXED)
               + f" | {1e3 * med['auto']:.0f} ms ({chosen}) | {best:.3f} | {worst:.3f} | {pred} ms "
               f"| {'yes' if ok else 'NO'} |")
     print("acceptance (auto <= worst and <= 1.05 x best in every workload):", "met" if all_ok else "NOT met")

@@ -171,15 +171,19 @@ def parse_overrides(items: list[str], flag: str = "override") -> dict[str, Any]:
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any], where: str = "the config") -> dict:
-    """Set each dotted `section.field` of `overrides` in the nested mapping `data` (in place)."""
+    """Set each dotted `section.field` (or deeper, `section.sub.field`) of `overrides` in the nested
+    mapping `data` (in place), creating the mappings on the way."""
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
+        *path, key = dotted.split(".")
+        if not path or not key or not all(path):
             raise ConfigError(f"override {dotted!r}: use section.field, e.g. train.steps=10")
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"override {dotted!r}: {section} is not a mapping in {where}")
-        data[section][key] = value
+        node = data
+        for depth, name in enumerate(path):
+            node.setdefault(name, {})
+            if not isinstance(node[name], dict):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(path[:depth + 1])} is not a mapping in {where}")
+            node = node[name]
+        node[key] = value
     return data
 
 

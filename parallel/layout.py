@@ -153,6 +153,16 @@ def group_strides(tp: int, cp: int, dp: int, ep: int, etp: int, order: str = DEF
             "ep": ep_stride, "edp": ep_stride * ep, "pp": tp * cp * dp}
 
 
+def order_changes_groups(tp: int, cp: int, dp: int, order: str, against: str = DEFAULT_RANK_ORDER) -> bool:
+    """Whether `order` numbers a stage's ranks into other groups than `against` (by default Megatron's):
+    tp-dp-cp only where both cp and dp exceed 1, the tp-outermost orders wherever tp and the data
+    ranks (dp * cp) do. Groups of one rank have no stride and do not count. The expert groups follow
+    from the dense ones (tp outermost needs etp = tp)."""
+    sizes = {"tp": tp, "cp": cp, "dp": dp, "ddp": dp * cp}
+    got, ref = group_strides(tp, cp, dp, 1, tp, order), group_strides(tp, cp, dp, 1, tp, against)
+    return any(got[k] != ref[k] for k, n in sizes.items() if n > 1)
+
+
 def noop_placement(pp: int, vpp: int, per_chunk: int, noop: int) -> list[int]:
     """No-op layers per virtual stage. They go where the extra work is: first the chunks of the last
     pipeline rank (output head, MTP), latest chunk first, then those of the first rank (embedding),

@@ -57,7 +57,9 @@ class PlacementConfig:
             raise ConfigError(f"{p}margin: must lie in [0, 1) (0: any predicted gain migrates), got {self.margin}")
 
     def check_recipe(self, parallel: "ParallelConfig", model: "ModelConfig", memory: "MemoryConfig") -> None:
-        """Rules that need other sections; only when placement is enabled."""
+        """Rules that need other sections (the skew's alone when placement is off)."""
+        if self.skew.enabled and model.num_moe_layers == 0:
+            raise ConfigError("placement.skew.enabled: the model has no MoE layer to skew; set enabled: false")
         if not self.enabled:
             return
         if model.num_moe_layers == 0:

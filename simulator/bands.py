@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from parallel.config import DEFAULT_RANK_ORDER
+from parallel.layout import order_changes_groups
 
 # Features the validation can exercise; a layout feature outside this list is never in a band.
 KNOWN = ("tp", "ep", "dp", "tp_extend_ep", "pp", "vpp", "cp", "alltoall", "allgather", "hierarchical",
@@ -39,7 +40,7 @@ def layout_features(tp: int = 1, ep: int = 1, dp: int = 1, pp: int = 1, vpp: int
     if recompute != "none":
         out.add("recompute")
     out |= {name for name, on in (("swap", swap), ("optimizer_offload", optimizer_offload)) if on}
-    if rank_order != DEFAULT_RANK_ORDER and tp > 1 and dp * cp > 1:
+    if order_changes_groups(tp, cp, dp, rank_order):
         out.add("rank_order")
     return out
 

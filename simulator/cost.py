@@ -18,12 +18,12 @@ from typing import Optional
 from moe import accounting as acc
 from moe.config import ModelConfig
 from moe.mfu_conventions import CONVENTIONS, flops_per_token
-from simulator import comm as C
 from simulator.bands import band_for, layout_features, step_time_interval
 from simulator import memory as M
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.layer_cost import LayerCosts, PartCost, SimOptions
 from simulator.estimate import Estimate, PipeSums
+from simulator.step_cost import dp_step_times, p2p_time
 from simulator.layout import Derived, Layout, derive
 from parallel.pipeline_layout import stage_sizes
 from simulator.schedule import BUSY_KINDS, in_flight_per_chunk, simulate, step_breakdown
@@ -188,7 +188,8 @@ class Simulator:
     def pipe(self, lay: Layout, d: Derived) -> PipeSums:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
-                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.rank_order,
+                lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap,
+                tuple(sorted(d.strides.items())),
                 M.policy_key(lay.memory_policy) if lay.memory_policy else None)
         key = ("pipe", lkey) + self._stages_key(lay, d)
         hit = self._cache.get(key)
@@ -240,53 +241,20 @@ class Simulator:
         if lay.pp == 1:
             return 0.0
         key = ("p2p", lay.pp, lay.tp, lay.cp, d.dp, lay.micro_batch_size, lay.seq_len, d.devices_per_node,
-               lay.sequence_parallel)
+               lay.sequence_parallel, d.strides["pp"])
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = self._p2p_uncached(lay, d)
+            hit = self._cache[key] = p2p_time(self.model, self.hw, self.b, lay, d)
         return hit
-
-    def _p2p_uncached(self, lay: Layout, d: Derived) -> float:
-        stride = d.strides["pp"]
-        crosses = stride >= d.devices_per_node or stride * lay.pp > d.devices_per_node
-        sp = lay.tp if lay.sequence_parallel else 1
-        nbytes = lay.micro_batch_size * lay.seq_len / (lay.cp * sp) * self.model.hidden_size * self.b
-        return C.p2p(nbytes, crosses).time(self.hw)
 
     def _dp_times(self, lay: Layout, d: Derived, dense: float, expert: float, tensors: int) -> tuple:
         """(gradient reduction, parameter all-gather, optimizer step) seconds for one rank."""
         key = ("dp", dense, expert, d.dp * lay.cp, d.edp, lay.zero1, lay.optimizer_offload, lay.tp,
-               d.ep * d.etp, d.devices_per_node, tensors)
+               d.ep * d.etp, d.devices_per_node, tensors, d.strides["ddp"], d.strides["edp"])
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        hw, o = self.hw, self.opt
-        dpn = d.devices_per_node
-        gb = 4 if o.grad_reduce_dtype == "fp32" else 2
-        ddp, edp, estride, dstride = d.dp * lay.cp, d.edp, d.strides["edp"], d.strides["ddp"]
-        if lay.zero1:
-            grad = (C.reduce_scatter(dense * gb, ddp, dstride, dpn).time(hw)
-                    + C.reduce_scatter(expert * gb, edp, estride, dpn).time(hw))
-            gather = (C.all_gather(dense * self.b, ddp, dstride, dpn).time(hw)
-                      + C.all_gather(expert * self.b, edp, estride, dpn).time(hw))
-        else:
-            grad = (C.all_reduce(dense * gb, ddp, dstride, dpn).time(hw)
-                    + C.all_reduce(expert * gb, edp, estride, dpn).time(hw))
-            gather = 0.0
-        if o.grad_bucket_copy:  # flatten, scale, unflatten: a read and a write of the gradients each
-            grad += 6 * (dense + expert) * gb / (hw.memory_bandwidth_gbps * 1e9)
-        local = dense / ddp + expert / edp if lay.zero1 else dense + expert
-        master = 4 if self.b != 4 else 0
-        adam_bytes = local * (4 + 2 * master + 16 + self.b)  # grad, master r/w, moments r/w, param write
-        if lay.optimizer_offload:
-            opt = adam_bytes / (hw.host_memory_bandwidth_gbps * 1e9) + local * (4 + self.b) / hw.host_link.bw
-        else:
-            opt = adam_bytes / (hw.memory_bandwidth_gbps * 1e9)
-        opt += (dense + expert) * 4 / (hw.memory_bandwidth_gbps * 1e9)  # gradient-norm pass for clipping
-        if hw.optimizer_cost and not lay.optimizer_offload:  # calibrated: clipping + AdamW step
-            opt = tensors * hw.optimizer_cost[0] * 1e-6 + local * hw.optimizer_cost[1] * 1e-9
-        out = (grad, gather, opt)
-        self._cache[key] = out
+        out = self._cache[key] = dp_step_times(self.hw, self.opt, self.b, lay, d, dense, expert, tensors)
         return out
 
     def quick(self, lay: Layout, d: Optional[Derived] = None) -> Estimate:

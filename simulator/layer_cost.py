@@ -122,8 +122,10 @@ class LayerCosts:
         return n * t * (1 - self.opt.tp_comm_overlap)
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
-        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap, M.policy_key(lay.memory_policy) if lay.memory_policy else None,
-               lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap, lay.rank_order)
+        # strides, not rank_order: under dp-cp-tp the TP and CP strides depend on dp as well
+        key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
+               M.policy_key(lay.memory_policy) if lay.memory_policy else None, lay.dispatcher,
+               d.devices_per_node, lay.sequence_parallel, lay.overlap, tuple(sorted(d.strides.items())))
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)

@@ -25,6 +25,7 @@ from simulator.cost import SimOptions, Simulator
 from simulator.estimate import Estimate
 from simulator.hardware import HardwareProfile
 from parallel.config import DEFAULT_RANK_ORDER, DISPATCHERS, RANK_ORDERS
+from parallel.layout import order_changes_groups
 from simulator.layout import Layout, derive
 
 GB = 2**30
@@ -108,13 +109,16 @@ def _group_dispatchers(cfg, n_dev: int, space: LayoutSpace, tp, cp, pp, vpp, ep,
     return ["local"] if eff_ep == 1 else [x for x in space.dispatcher if x != "local"]
 
 
-def _order_matters(order: str, space: LayoutSpace, tp: int, ep: int, tp_extend_ep: bool, data_ranks: int) -> bool:
+def _order_matters(order: str, space: LayoutSpace, tp: int, cp: int, dp: int, ep: int, tp_extend_ep: bool) -> bool:
     """Whether to cost `order`: the space's first order always; another only where it gives other
-    groups than the first (tp > 1 and several data ranks), check_world allows it (no TP-extend-EP)
-    and it can pay: moving tp outward only brings EP peers together, so without EP it never wins."""
-    if order == space.rank_order[0]:
+    groups than the first, check_world allows it (no TP-extend-EP) and it can pay: reordering only
+    moves TP, CP and DP peers against the EP ones, so without EP it never wins."""
+    first = space.rank_order[0]
+    if order == first:
         return True
-    return tp > 1 and ep > 1 and data_ranks > 1 and not tp_extend_ep
+    if ep == 1 or tp_extend_ep:
+        return False
+    return order_changes_groups(tp, cp, dp, order, against=first)
 
 
 def _cost_policies(sim: Simulator, space: LayoutSpace, lay0: Layout, dispatchers: list[str]):
@@ -155,7 +159,7 @@ def search_layouts(sim: Simulator, space: LayoutSpace, rerank: int = 10, progres
             bar.update(1)
         enumerated += inner
         dispatchers = _group_dispatchers(cfg, n_dev, space, tp, cp, pp, vpp, ep, tpx, sp)
-        if not dispatchers or not _order_matters(order, space, tp, ep, tpx, n_dev // (tp * cp * pp) * cp):
+        if not dispatchers or not _order_matters(order, space, tp, cp, n_dev // (tp * cp * pp), ep, tpx):
             continue
         for zero1, offload in itertools.product(space.zero1, space.optimizer_offload):
             lay0 = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, tp_extend_ep=tpx, sequence_parallel=sp, cp=cp,

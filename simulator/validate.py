@@ -95,6 +95,8 @@ class ValidateConfig:
             raise ConfigError(f"steps: must exceed warmup_steps={self.warmup_steps}, got {self.steps}")
         if not self.cases:
             raise ConfigError("cases: give at least one case")
+        if self.memory_steps < 1:
+            raise ConfigError(f"memory_steps: must be >= 1 (the last step's memory is compared), got {self.memory_steps}")
 
 
 def load_validate_config(path: str | Path = DEFAULT_CONFIG) -> ValidateConfig:
@@ -169,7 +171,7 @@ def case_features(c: Case) -> list[str]:
     par = c.parallel
     return sorted(layout_features(tp=par.tp, ep=par.expert_parallel, dp=par.data_parallel(c.world), pp=par.pp,
                                   vpp=par.vpp, cp=par.cp, tp_extend_ep=par.tp_extend_ep,
-                                  dispatcher=par.dispatcher, zero1=par.zero1))
+                                  dispatcher=par.dispatcher, zero1=par.zero1, rank_order=par.rank_order))
 
 
 def case_recipe(model: ModelConfig, c: Case, steps: int, out_dir: Path) -> dict:

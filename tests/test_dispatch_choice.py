@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from config import ConfigError
 from moe.config import ModelConfig
@@ -113,7 +114,7 @@ def test_trainer_resolves_auto_before_the_runtime(tmp_path, capsys):
     over = {"train.steps": 1, "train.micro_batch_size": 2, "train.seq_len": 32, "train.eval_batches": 1,
             "train.tensorboard": False, "train.warmup_steps": 1, "train.out_dir": str(tmp_path / "run"),
             "data.embedded_docs": 300, "data.cache_dir": str(tmp_path / "data"), "parallel.dispatcher": "auto",
-            "checkpoint.save_at_end": False, "checkpoint.interval": 0}
+            "checkpoint.save_at_end": True, "checkpoint.interval": 0}
     recipe = load_recipe(ROOT / "configs/recipes/tiny_cpu.yaml", over)
     two = replace(recipe, parallel=replace(recipe.parallel, ep=2, devices_per_node=1,
                                            emulate_links=_links(1.0, 0.002)))
@@ -123,3 +124,7 @@ def test_trainer_resolves_auto_before_the_runtime(tmp_path, capsys):
     metrics = run(recipe, progress=False, log=True)  # one process: ep = 1
     assert len(metrics) == 1
     assert "dispatcher: auto -> local (ep = 1" in capsys.readouterr().out
+    # the checkpoint's recipe names the dispatcher that ran, not 'auto'
+    saved = [yaml.safe_load(p.read_text()) for p in (tmp_path / "run").rglob("recipe.yaml")
+             if "checkpoints" in p.parts]
+    assert saved and all(r["parallel"]["dispatcher"] == "local" for r in saved)

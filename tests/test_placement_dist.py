@@ -4,7 +4,9 @@ On gloo processes, the tiny MoE of test_parallel_equivalence trains on a driftin
 (parallel/skew.py) for STEPS AdamW steps twice from the same seed: placement off, then on (check
 every INTERVAL steps, margin 0 so any predicted gain migrates). Per step the global losses must
 agree within 1e-6 relative, and at the end every expert's weights, gathered and put back in
-logical order, within 1e-6 relative; the placement run must really have migrated (>= 2 layer
+logical order, within 1e-4 relative (WEIGHT_TOL: a moved expert sees its tokens in another order,
+so its gradients differ in the last bits, and AdamW's normalised step magnifies that where a
+gradient is near zero; measured 7.6e-7 to 1.4e-5 over the scenarios, the negative control 0.34); the placement run must really have migrated (>= 2 layer
 migrations, tables not the identity, bytes moved). The identity comparison can fail: an expert
 moved without its Adam moments, or routed to the wrong slot, changes the losses after the next step.
 """
@@ -18,6 +20,7 @@ from test_parallel_equivalence import BASE_MODEL, adamw, build
 
 STEPS, INTERVAL, GLOBAL_BATCH, SEQ, CLIP, SEED = 20, 4, 8, 16, 0.2, 4321
 TOL = 1e-6
+WEIGHT_TOL = 1e-4
 MODEL = dict(BASE_MODEL, mtp_layers=0)
 
 
@@ -91,7 +94,7 @@ def check(ranks: list[dict]) -> float:
             assert rel <= TOL, f"rank {r} step {step}: loss {a} with placement vs {b} without ({rel:.1e})"
             worst = max(worst, rel)
         for i, (a, b) in enumerate(zip(on["experts"], off["experts"])):
-            assert rel_diff(a, b) <= TOL, f"rank {r} layer {i}: expert weights differ by {rel_diff(a, b):.1e}"
+            assert rel_diff(a, b) <= WEIGHT_TOL, f"rank {r} layer {i}: expert weights differ by {rel_diff(a, b):.1e}"
     assert sum(res["on"]["bytes"] for res in ranks) > 0, "a migration must move bytes between ranks"
     return worst
 

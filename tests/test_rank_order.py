@@ -95,6 +95,26 @@ def test_tp8_ep2_exchange_stays_on_the_node_with_tp_outermost():
     assert est["dp-cp-tp"].breakdown["tp_comm"] > est["tp-cp-dp"].breakdown["tp_comm"]
 
 
+def test_estimates_do_not_depend_on_what_the_simulator_costed_before():
+    """The caches are keyed by every field a cost depends on: under tp outermost the TP stride is
+    dp * cp, so two layouts that differ only in pp (hence dp) must not share a TP cost; nor layouts
+    that differ only in the shared-expert overlap or in the order of their ranks."""
+    hw = load_hardware("ascend_910b_a2")
+    base = dict(tp=2, ep=2, seq_len=1024, global_batch_size=16, devices_per_node=8, micro_batch_size=1)
+    layouts = [SimLayout(**base, pp=pp, rank_order=order, overlap=overlap, zero1=zero1)
+               for pp in (1, 2) for order in ("tp-cp-dp", "dp-cp-tp") for overlap in (False, True)
+               for zero1 in (False, True)]
+    warm = Simulator(MODEL, hw, 16)
+    for lay in layouts + layouts[::-1]:
+        got, want = warm.estimate(lay), Simulator(MODEL, hw, 16).estimate(lay)
+        assert got.step_time == want.step_time and got.breakdown == want.breakdown, lay
+        assert got.peak_memory == want.peak_memory, lay
+    # the check has teeth: the layouts differ in the parts the shared caches held
+    times = {(lay.pp, lay.rank_order, lay.overlap): warm.estimate(lay).breakdown for lay in layouts}
+    assert times[(1, "dp-cp-tp", False)]["tp_comm"] != times[(2, "dp-cp-tp", False)]["tp_comm"]
+    assert times[(1, "tp-cp-dp", False)]["ep_comm"] != times[(1, "tp-cp-dp", True)]["ep_comm"]
+
+
 def test_search_costs_both_orders_and_names_them():
     sim = Simulator(MODEL, load_hardware("ascend_910b_a2"), 16)
     space = LayoutSpace(tp=[1, 8], pp=[1], vpp=[1], ep=[1, 2], tp_extend_ep=[False], cp=[1], zero1=[True],
@@ -124,3 +144,23 @@ def test_bad_rank_order_is_one_clear_error_on_both_sides(par, message):
     with pytest.raises(ConfigError) as sim:
         SimLayout(**par).check_world(4, ModelConfig(), "parallel", devices_per_node=8)
     assert str(sim.value) == str(runtime.value)
+
+
+def test_which_orders_change_the_groups():
+    from parallel.layout import order_changes_groups
+    from simulator.bands import layout_features
+    # tp-dp-cp swaps dp and cp: other groups only when both have more than one rank
+    assert not order_changes_groups(2, 1, 4, "tp-dp-cp") and not order_changes_groups(2, 4, 1, "tp-dp-cp")
+    assert order_changes_groups(1, 2, 2, "tp-dp-cp") and order_changes_groups(2, 2, 2, "tp-dp-cp")
+    # tp outermost: wherever tp and the data ranks both exceed 1
+    assert order_changes_groups(2, 1, 2, "dp-cp-tp") and order_changes_groups(2, 2, 1, "cp-dp-tp")
+    assert not order_changes_groups(1, 1, 4, "dp-cp-tp") and not order_changes_groups(4, 1, 1, "dp-cp-tp")
+    # with tp = 1, dp-cp-tp is tp-dp-cp: dp goes inside cp
+    assert order_changes_groups(1, 2, 4, "dp-cp-tp")
+    # dp-cp-tp against cp-dp-tp: the same groups unless cp and dp both exceed 1
+    assert not order_changes_groups(2, 1, 4, "cp-dp-tp", against="dp-cp-tp")
+    assert order_changes_groups(2, 2, 2, "cp-dp-tp", against="dp-cp-tp")
+    # the error bands name the feature exactly there
+    assert "rank_order" not in layout_features(tp=2, dp=4, rank_order="tp-dp-cp")
+    assert "rank_order" in layout_features(tp=2, dp=2, cp=2, rank_order="tp-dp-cp")
+    assert "rank_order" in layout_features(tp=2, dp=2, ep=2, rank_order="dp-cp-tp")

@@ -105,3 +105,7 @@ def test_bad_memory_case_or_layout_is_one_clear_error():
     case = replace(CASES["mem-pp2"], world=4)
     with pytest.raises(ConfigError, match=r"cases\.world: .*one rank per stage; set world: 2"):
         case.validate("cases")
+    from simulator.validate import load_validate_config
+    cfg = load_validate_config()
+    with pytest.raises(ConfigError, match=r"^memory_steps: must be >= 1 .*got 0$"):
+        replace(cfg, memory_steps=0).validate()

@@ -37,7 +37,8 @@ def run(recipe: Recipe, progress: Optional[bool] = None, log: bool = True,
     out_dir = Path(t.out_dir)
     if ctx.log:
         _announce(ctx, out_dir)
-    recovery = Recovery(recipe, ctx.model, ctx.optimizer, ctx.train_it, ctx.runtime, ctx.device,
+    # ctx.recipe: dispatcher 'auto' resolved, so a checkpoint's recipe.yaml names what ran
+    recovery = Recovery(ctx.recipe, ctx.model, ctx.optimizer, ctx.train_it, ctx.runtime, ctx.device,
                         log=ctx.log, stop_after=stop_after, placement=ctx.placement)
     start_step = recovery.resume()
     logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, enabled=ctx.log, resume_step=start_step)

@@ -114,7 +114,9 @@ class TrainingContext:
                            pipeline=self.runtime.forward_backward)
         if self.memory is not None:
             m.update(self.memory.metrics(self.model, self.optimizer))
-        if self.placement is not None:  # after the optimizer step: experts move with their state
+        # after the optimizer step, experts move with their state; a skipped step's routing counts
+        # (a bad batch) must not steer placement, as they do not steer the router bias
+        if self.placement is not None and not m["skipped"]:
             m.update(self.placement.after_step([torch.tensor(x) for x in m["expert_load"]], self.optimizer))
         return m
 
