@@ -1,7 +1,12 @@
 """The MoE feed-forward layer: router, routed experts (grouped GEMM over local experts), shared expert.
 
-Data flow: route -> dispatcher.dispatch (may start communication) -> shared expert (overlaps it) ->
-wait -> grouped expert FFN -> dispatcher.combine -> add the shared expert's output.
+Data flow: route -> dispatcher.dispatch (may start communication) -> the shared expert's
+up-projections (overlap it) -> wait -> grouped expert FFN -> dispatcher.combine_start -> the shared
+expert's activation and down-projection (overlap the return) -> wait -> add the two.
+
+The order is also what hides the exchanges in backward: autograd runs the newest ready node first,
+so each half of the shared expert, computed between an exchange's start and its wait, runs its
+backward while that exchange's gradient is in flight (parallel/comm.py).
 """
 from __future__ import annotations
 
@@ -63,10 +68,12 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, seq_len=s)
         self.last_load = routing.tokens_per_expert_E.detach().float()
         pending = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK, routing.weights_TK)
-        shared_TD: Optional[torch.Tensor] = self.shared(x_TD) if self.shared is not None else None
+        gate_up = self.shared.gate_up(x_TD) if self.shared is not None else None
         x_ND, tokens_per_expert = pending.wait()
         y_ND = self.experts(x_ND, tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_ND, pending).to(x_BSD.dtype)
+        combining = self.dispatcher.combine_start(y_ND, pending)
+        shared_TD: Optional[torch.Tensor] = self.shared.act_down(*gate_up) if gate_up is not None else None
+        out_TD = combining.wait().to(x_BSD.dtype)
         if shared_TD is not None:
             out_TD = out_TD + shared_TD
         return out_TD.view(b, s, d), {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss}

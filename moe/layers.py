@@ -29,7 +29,11 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(ffn_size, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act_down(self.w1(x), self.w3(x))
+        return self.act_down(*self.gate_up(x))
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two up-projections (the MoE layer overlaps them with the token dispatch)."""
+        return self.w1(x), self.w3(x)
 
     def act_down(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The activation and down-projection: a unit that parallel/memory.py may recompute."""

@@ -1,11 +1,14 @@
 """Collectives with autograd, optional asynchrony, and byte accounting, for the token dispatchers.
 
 Each op is a `torch.autograd.Function` whose backward is the adjoint collective (all-to-all ->
-reverse all-to-all, all-gather -> reduce-scatter and back). Forward ops can run asynchronously: they
-return the output buffer and a `Handle`; the buffer is only valid after `Handle.wait()`, which is
-what lets the MoE layer compute the shared expert while tokens are in flight. Backward runs
-synchronously (the autograd engine needs its result at once). Every exchange goes through
-parallel/emulated_links.py (timed; delayed under `parallel.emulate_links`).
+reverse all-to-all, all-gather -> reduce-scatter and back). An asynchronous op (`async_op=True`)
+returns an `Inflight`: the exchange has started, and `Inflight.wait()` gives its result. It is
+split into two autograd nodes, so the backward is asynchronous too: the node `wait()` creates
+starts the adjoint exchange in backward and returns at once, and the node made at the start waits
+for it. Whatever the forward computed between start and wait (the shared expert) is newer than
+the start node, so the autograd engine (newest ready node first) runs its backward while the
+adjoint exchange is in flight. Every exchange goes through parallel/emulated_links.py (timed;
+delayed under `parallel.emulate_links`).
 
 `CommStats` counts the logical payload each rank sends to each peer (what the collective has to
 deliver, independent of its algorithm), split by whether the peer is on the same node.
@@ -67,47 +70,105 @@ def _record(stats: Optional[CommStats], group, rows_per_peer: list[int], x: Tens
         stats.record(group_ranks(group), [r * row_bytes for r in rows_per_peer])
 
 
-class Handle:
-    """An in-flight collective. `wait()` is idempotent; a synchronous op gives a finished handle."""
+class _Exchange:
+    """One collective split into start and wait in both directions: `run(x)` and `adjoint(grad)`
+    start the forward and the backward exchange and return (output buffer, work)."""
 
-    def __init__(self, works: Optional[list] = None):
-        self._works = works or []
+    def __init__(self, run: Callable, adjoint: Callable):
+        self.run, self.adjoint = run, adjoint
+        self.work = self.keep = self.grad_in = None
 
-    def wait(self) -> None:
-        for work, _keepalive in self._works:
-            work.wait()
-        self._works = []
+
+class _Begin(torch.autograd.Function):
+    """Forward: start the exchange. Backward: wait for the adjoint exchange `_End` started."""
+
+    @staticmethod
+    def forward(ctx, x, ex: _Exchange):
+        ctx.ex = ex
+        x = x.contiguous()
+        out, ex.work = ex.run(x)
+        ex.keep = x  # the send buffer lives until the exchange finishes
+        return out
+
+    @staticmethod
+    def backward(ctx, _passed):
+        ex = ctx.ex
+        ex.work.wait()
+        grad_in, ex.grad_in, ex.work, ex.keep = ex.grad_in, None, None, None
+        return grad_in, None
+
+
+class _End(torch.autograd.Function):
+    """Forward: wait for the exchange. Backward: start the adjoint exchange and return at once (the
+    gradient passes through unchanged; `_Begin` returns the exchanged one)."""
+
+    @staticmethod
+    def forward(ctx, out, ex: _Exchange):
+        ctx.ex = ex
+        ex.work.wait()
+        ex.work = ex.keep = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex = ctx.ex
+        grad = grad.contiguous()
+        ex.grad_in, ex.work = ex.adjoint(grad)
+        ex.keep = grad
+        return grad, None
+
+
+class Inflight:
+    """A started exchange; `wait()` (idempotent) gives its result."""
+
+    def __init__(self, out: Tensor, ex: Optional[_Exchange] = None, finish: Callable = lambda t: t):
+        self._out, self._ex, self._finish, self._result = out, ex, finish, None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the exchange was started without waiting for it."""
+        return self._ex is not None
+
+    def wait(self) -> Tensor:
+        if self._result is None:
+            out = _End.apply(self._out, self._ex) if self._ex is not None else self._out
+            self._result = self._finish(out)
+        return self._result
+
+
+def _start(x: Tensor, run: Callable, adjoint: Callable, finish: Callable = lambda t: t) -> Inflight:
+    ex = _Exchange(run, adjoint)
+    return Inflight(_Begin.apply(x, ex), ex, finish)
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, stats, box):
+    def forward(ctx, x, out_splits, in_splits, group, stats):
         ctx.group, ctx.stats, ctx.splits = group, stats, (out_splits, in_splits)
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        _record(stats, group, in_splits, x)
-        work = links.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=box is not None)
-        if box is not None:
-            box.append((work, x))  # keep the send buffer alive until the exchange finishes
-        return out
+        return _a2a(x.contiguous(), out_splits, in_splits, group, stats, False)[0]
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        grad = grad.contiguous()
-        grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        _record(ctx.stats, ctx.group, out_splits, grad)
-        links.all_to_all_single(grad_in, grad, in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None, None, None
+        return _a2a(grad.contiguous(), in_splits, out_splits, ctx.group, ctx.stats, False)[0], None, None, None, None
+
+
+def _a2a(x: Tensor, out_splits, in_splits, group, stats, async_op: bool):
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    _record(stats, group, in_splits, x)
+    return out, links.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=async_op)
 
 
 def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group, stats: Optional[CommStats] = None,
-               async_op: bool = False) -> tuple[Tensor, Handle]:
+               async_op: bool = False):
     """Rows [sum(in_splits[:j]), +in_splits[j]) of x go to group rank j; the result holds what every
-    rank sent here, in group-rank order. Gloo accepts uneven splits in this single-tensor form."""
-    box: Optional[list] = [] if async_op else None
-    out = _AllToAll.apply(x, list(out_splits), list(in_splits), group, stats, box)
-    return out, Handle(box)
+    rank sent here, in group-rank order. Gloo accepts uneven splits in this single-tensor form.
+    Synchronous: the result tensor; `async_op`: an `Inflight` (forward and backward overlap)."""
+    out_splits, in_splits = list(out_splits), list(in_splits)
+    if not async_op:
+        return _AllToAll.apply(x, out_splits, in_splits, group, stats)
+    return _start(x, lambda t: _a2a(t, out_splits, in_splits, group, stats, True),
+                  lambda g: _a2a(g, in_splits, out_splits, group, stats, True))
 
 
 def exchange_counts(send_counts: Tensor, group, stats: Optional[CommStats] = None) -> Tensor:
@@ -128,76 +189,80 @@ def all_gather_sizes(n: int, group, stats: Optional[CommStats] = None, device="c
     return out.tolist()
 
 
+def _ag(x: Tensor, rows: int, group, stats, async_op: bool):
+    """x [m, ...] (padded to the same m on every rank) -> [n * m, ...]; `rows` of m are payload."""
+    n = dist.get_world_size(group)
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))
+    _record(stats, group, [rows] * n, x)
+    return out, links.all_gather_single(out, x, group=group, async_op=async_op)
+
+
+def _rs(x: Tensor, rows_per_peer: list[int], group, stats, async_op: bool):
+    """x [n * m, ...] -> the sum over ranks of chunk `rank`, [m, ...]."""
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
+    _record(stats, group, rows_per_peer, x)
+    return out, links.reduce_scatter_single(out, x, group=group, async_op=async_op)
+
+
 class _AllGatherPadded(torch.autograd.Function):
-    """x [m, ...] on every rank (padded to the same m) -> [n * m, ...]; backward sums (reduce-scatter)."""
+    """All-gather of padded rows; backward sums (reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x, rows, group, stats, box):
+    def forward(ctx, x, rows, group, stats):
         ctx.group, ctx.stats = group, stats
-        n = dist.get_world_size(group)
-        x = x.contiguous()
-        out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-        _record(stats, group, [rows] * n, x)  # the padding is not payload
-        work = links.all_gather_single(out, x, group=group, async_op=box is not None)
-        if box is not None:
-            box.append((work, x))
-        return out
+        return _ag(x.contiguous(), rows, group, stats, False)[0]
 
     @staticmethod
     def backward(ctx, grad):
         n = dist.get_world_size(ctx.group)
-        grad = grad.contiguous()
-        grad_in = grad.new_empty((grad.shape[0] // n, *grad.shape[1:]))
-        _record(ctx.stats, ctx.group, [grad_in.shape[0]] * n, grad)
-        links.reduce_scatter_single(grad_in, grad, group=ctx.group)
-        return grad_in, None, None, None, None
+        return _rs(grad.contiguous(), [grad.shape[0] // n] * n, ctx.group, ctx.stats, False)[0], None, None, None
 
 
 class _ReduceScatterPadded(torch.autograd.Function):
-    """x [n * m, ...] -> the sum over ranks of chunk `rank`, [m, ...]; backward all-gathers."""
+    """Reduce-scatter of padded chunks; backward all-gathers."""
 
     @staticmethod
     def forward(ctx, x, rows_per_peer, group, stats):
         ctx.group, ctx.stats, ctx.rows = group, stats, rows_per_peer
-        n = dist.get_world_size(group)
-        x = x.contiguous()
-        out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-        _record(stats, group, rows_per_peer, x)
-        links.reduce_scatter_single(out, x, group=group)
-        return out
+        return _rs(x.contiguous(), rows_per_peer, group, stats, False)[0]
 
     @staticmethod
     def backward(ctx, grad):
-        n = dist.get_world_size(ctx.group)
-        grad = grad.contiguous()
-        grad_in = grad.new_empty((n * grad.shape[0], *grad.shape[1:]))
-        me = dist.get_rank(ctx.group)
-        _record(ctx.stats, ctx.group, [ctx.rows[me]] * n, grad)
-        links.all_gather_single(grad_in, grad, group=ctx.group)
-        return grad_in, None, None, None
+        rows = ctx.rows[dist.get_rank(ctx.group)]
+        return _ag(grad.contiguous(), rows, ctx.group, ctx.stats, False)[0], None, None, None
 
 
 def _pad_rows(x: Tensor, m: int) -> Tensor:
     return x if x.shape[0] == m else torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
 
 
-def all_gather(x: Tensor, sizes: list[int], group, stats: Optional[CommStats] = None,
-               async_op: bool = False) -> tuple[Tensor, Handle, Callable[[Tensor], Tensor]]:
-    """Concatenate every rank's x (group rank r holds sizes[r] rows) along dim 0. Returns the padded
-    buffer, its handle, and `unpad` to apply after `wait()` (identity when all sizes are equal)."""
+def all_gather(x: Tensor, sizes: list[int], group, stats: Optional[CommStats] = None, async_op: bool = False):
+    """Concatenate every rank's x (group rank r holds sizes[r] rows) along dim 0. Synchronous: the
+    result; `async_op`: an `Inflight` whose `wait()` gives it."""
     m = max(sizes)
-    box: Optional[list] = [] if async_op else None
-    out = _AllGatherPadded.apply(_pad_rows(x, m), x.shape[0], group, stats, box)
+    n, rows = len(sizes), x.shape[0]
     if all(s == m for s in sizes):
-        return out, Handle(box), lambda t: t
-    keep = torch.cat([torch.arange(r * m, r * m + s) for r, s in enumerate(sizes)]).to(x.device)
-    return out, Handle(box), lambda t: t.index_select(0, keep)
+        unpad = lambda t: t  # noqa: E731
+    else:
+        keep = torch.cat([torch.arange(r * m, r * m + s) for r, s in enumerate(sizes)]).to(x.device)
+        unpad = lambda t: t.index_select(0, keep)  # noqa: E731
+    x = _pad_rows(x, m)
+    if not async_op:
+        return unpad(_AllGatherPadded.apply(x, rows, group, stats))
+    return _start(x, lambda t: _ag(t, rows, group, stats, True),
+                  lambda g: _rs(g, [m] * n, group, stats, True), finish=unpad)
 
 
-def reduce_scatter(x: Tensor, sizes: list[int], group, stats: Optional[CommStats] = None) -> Tensor:
-    """x [sum(sizes), ...] on every rank -> the sum over ranks of this rank's chunk [sizes[me], ...]."""
+def reduce_scatter(x: Tensor, sizes: list[int], group, stats: Optional[CommStats] = None, async_op: bool = False):
+    """x [sum(sizes), ...] on every rank -> the sum over ranks of this rank's chunk [sizes[me], ...].
+    Synchronous: the result; `async_op`: an `Inflight` whose `wait()` gives it."""
     m = max(sizes)
     me = dist.get_rank(group)
     if any(s != m for s in sizes):
         x = torch.cat([_pad_rows(chunk, m) for chunk in x.split(sizes)])
-    return _ReduceScatterPadded.apply(x, list(sizes), group, stats)[: sizes[me]]
+    mine = sizes[me]
+    if not async_op:
+        return _ReduceScatterPadded.apply(x, list(sizes), group, stats)[:mine]
+    return _start(x, lambda t: _rs(t, list(sizes), group, stats, True),
+                  lambda g: _ag(g, mine, group, stats, True), finish=lambda t: t[:mine])

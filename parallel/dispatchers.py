@@ -2,9 +2,11 @@
 
 All implement `moe.dispatch.TokenDispatcher`: `dispatch` permutes locally and starts the exchange
 (asynchronously when `overlap` is on) and returns a pending handle; `wait()` finishes the exchange and
-yields this rank's tokens grouped by local expert; `combine` sends expert outputs back and sums each
-token's weighted copies. Gradients flow through every exchange (parallel/comm.py), so the routing
-weights and the expert inputs get exactly the single-device gradients.
+yields this rank's tokens grouped by local expert; `combine_start` sends expert outputs back and
+`wait()` on what it returns sums each token's weighted copies. Gradients flow through every exchange
+(parallel/comm.py), so the routing weights and the expert inputs get exactly the single-device
+gradients; with `overlap` each exchange's backward is asynchronous as well, and the work the MoE
+layer did between start and wait (the shared expert) runs in backward while it is in flight.
 
 Experts are split in order: EP rank r of the group holds experts [r * El, (r + 1) * El).
 
@@ -26,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe.dispatch import LocalDispatcher
-from parallel.comm import CommStats, all_gather, all_gather_sizes, all_to_all, exchange_counts, reduce_scatter
+from moe.dispatch import Combining, LocalDispatcher, Then
+from parallel.comm import (CommStats, Inflight, all_gather, all_gather_sizes, all_to_all, exchange_counts,
+                           reduce_scatter)
 from parallel.config import DISPATCHERS
 from parallel.tp_comm import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
 
@@ -51,18 +54,22 @@ def _inverse(perm: Tensor) -> Tensor:
     return inv
 
 
+def _started(x, async_op: bool) -> Inflight:
+    """A collective's result as an Inflight, whether it ran asynchronously or not."""
+    return x if async_op else Inflight(x)
+
+
 class _A2APending:
-    def __init__(self, recv: Tensor, handle, recv_SE: Tensor, state, weights_TK: Tensor,
+    def __init__(self, recv: Inflight, recv_SE: Tensor, state, weights_TK: Tensor,
                  in_splits: list[int], out_splits: list[int]):
-        self.recv, self.handle, self.recv_SE, self.state, self.weights_TK = recv, handle, recv_SE, state, weights_TK
+        self.recv, self.recv_SE, self.state, self.weights_TK = recv, recv_SE, state, weights_TK
         self.in_splits, self.out_splits = in_splits, out_splits
         self.perm: Optional[Tensor] = None
         self._result = None
 
     def wait(self) -> tuple[Tensor, Tensor]:
         if self._result is None:
-            self.handle.wait()
-            x = self.recv
+            x = self.recv.wait()
             if self.recv_SE.shape[1] > 1:  # group the received chunks by local expert
                 self.perm = chunk_permutation(self.recv_SE).to(x.device)
                 x = x.index_select(0, self.perm)
@@ -70,7 +77,7 @@ class _A2APending:
         return self._result
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Combining):
     """Permute by expert (which orders copies by destination rank), exchange counts, then one
     all_to_all_single with split sizes; the receiver regroups (source, expert) chunks by expert."""
 
@@ -85,28 +92,26 @@ class AllToAllDispatcher:
         send_SE = counts_E.view(self.size, self.num_local_experts)
         recv_SE = exchange_counts(send_SE.to(x_TD.device), self.group, self.stats).cpu()
         in_splits, out_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
-        recv, handle = all_to_all(x_ND, out_splits, in_splits, self.group, self.stats, async_op=self.overlap)
+        recv = all_to_all(x_ND, out_splits, in_splits, self.group, self.stats, async_op=self.overlap)
         if self.stats is not None:
             self.stats.tokens_received += sum(out_splits)
-        return _A2APending(recv, handle, recv_SE, state, weights_TK, in_splits, out_splits)
+        return _A2APending(_started(recv, self.overlap), recv_SE, state, weights_TK, in_splits, out_splits)
 
-    def combine(self, y_ND: Tensor, pending: _A2APending) -> Tensor:
+    def combine_start(self, y_ND: Tensor, pending: _A2APending) -> Then:
         if pending.perm is not None:
             y_ND = y_ND.index_select(0, _inverse(pending.perm))
-        back, _ = all_to_all(y_ND, pending.in_splits, pending.out_splits, self.group, self.stats)
-        return self.kernels.unpermute(back, pending.state, pending.weights_TK)
+        back = all_to_all(y_ND, pending.in_splits, pending.out_splits, self.group, self.stats, async_op=self.overlap)
+        return Then(_started(back, self.overlap), lambda t: self.kernels.unpermute(t, pending.state, pending.weights_TK))
 
 
 class _AGPending:
-    def __init__(self, dispatcher: "AllGatherDispatcher", sizes, gathered, handles, unpad):
-        self.d, self.sizes, self.gathered, self.handles, self.unpad = dispatcher, sizes, gathered, handles, unpad
+    def __init__(self, dispatcher: "AllGatherDispatcher", sizes, gathered: list[Inflight]):
+        self.d, self.sizes, self.gathered = dispatcher, sizes, gathered
         self._result = None
 
     def wait(self) -> tuple[Tensor, Tensor]:
         if self._result is None:
-            for h in self.handles:
-                h.wait()
-            x_all, idx_all, self.weights_all = (self.unpad(t) for t in self.gathered)
+            x_all, idx_all, self.weights_all = (g.wait() for g in self.gathered)
             d = self.d
             local = idx_all - d.rank * d.num_local_experts
             local = torch.where((idx_all >= 0) & (local >= 0) & (local < d.num_local_experts), local, -1)
@@ -117,7 +122,7 @@ class _AGPending:
         return self._result
 
 
-class AllGatherDispatcher:
+class AllGatherDispatcher(Combining):
     """Every rank gathers all tokens of the EP group (with their routing), keeps the copies for its
     own experts, and returns partial outputs through a reduce-scatter. Simple; sends every token to
     every rank, so it suits small EP groups or top-k close to the number of ranks."""
@@ -129,30 +134,26 @@ class AllGatherDispatcher:
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _AGPending:
         sizes = all_gather_sizes(x_TD.shape[0], self.group, self.stats, x_TD.device)
-        gathered, handles = [], []
-        for t in (x_TD, expert_idx_TK, weights_TK):
-            buf, handle, unpad = all_gather(t, sizes, self.group, self.stats, async_op=self.overlap)
-            gathered.append(buf)
-            handles.append(handle)
-        return _AGPending(self, sizes, gathered, handles, unpad)
+        gathered = [_started(all_gather(t, sizes, self.group, self.stats, async_op=self.overlap), self.overlap)
+                    for t in (x_TD, expert_idx_TK, weights_TK)]
+        return _AGPending(self, sizes, gathered)
 
-    def combine(self, y_ND: Tensor, pending: _AGPending) -> Tensor:
+    def combine_start(self, y_ND: Tensor, pending: _AGPending) -> Inflight:
         partial_TD = self.kernels.unpermute(y_ND, pending.state, pending.weights_all)
-        return reduce_scatter(partial_TD, pending.sizes, self.group, self.stats)
+        return _started(reduce_scatter(partial_TD, pending.sizes, self.group, self.stats, async_op=self.overlap),
+                        self.overlap)
 
 
 class _HierPending:
-    def __init__(self, dispatcher: "HierarchicalDispatcher", sel: Tensor, num_tokens: int, recv, handles,
+    def __init__(self, dispatcher: "HierarchicalDispatcher", sel: Tensor, num_tokens: int, recv: list[Inflight],
                  in_splits: list[int], out_splits: list[int]):
-        self.d, self.sel, self.num_tokens, self.recv, self.handles = dispatcher, sel, num_tokens, recv, handles
+        self.d, self.sel, self.num_tokens, self.recv = dispatcher, sel, num_tokens, recv
         self.in_splits, self.out_splits = in_splits, out_splits
         self.inner = None
 
     def wait(self) -> tuple[Tensor, Tensor]:
         if self.inner is None:
-            for h in self.handles:
-                h.wait()
-            x_recv, idx_recv, w_recv = self.recv
+            x_recv, idx_recv, w_recv = (r.wait() for r in self.recv)
             d = self.d
             local = idx_recv - d.node * d.experts_per_node
             local = torch.where((idx_recv >= 0) & (local >= 0) & (local < d.experts_per_node), local, -1)
@@ -160,7 +161,7 @@ class _HierPending:
         return self.inner.wait()
 
 
-class HierarchicalDispatcher:
+class HierarchicalDispatcher(Combining):
     """Two-level exchange for EP groups that span nodes.
 
     Inter-node: among the EP ranks with the same local rank on each node, each token goes to every
@@ -188,22 +189,23 @@ class HierarchicalDispatcher:
         in_counts = need_TN.sum(0)
         out_counts = exchange_counts(in_counts.view(-1, 1), self.inter_group, self.stats).view(-1)
         in_splits, out_splits = in_counts.tolist(), out_counts.tolist()
-        recv, handles = [], []
-        for t in (x_TD, expert_idx_TK, weights_TK):
-            buf, handle = all_to_all(t.index_select(0, sel), out_splits, in_splits, self.inter_group, self.stats,
-                                     async_op=self.overlap)
-            recv.append(buf)
-            handles.append(handle)
-        return _HierPending(self, sel, x_TD.shape[0], recv, handles, in_splits, out_splits)
+        recv = [_started(all_to_all(t.index_select(0, sel), out_splits, in_splits, self.inter_group, self.stats,
+                                    async_op=self.overlap), self.overlap) for t in (x_TD, expert_idx_TK, weights_TK)]
+        return _HierPending(self, sel, x_TD.shape[0], recv, in_splits, out_splits)
 
-    def combine(self, y_ND: Tensor, pending: _HierPending) -> Tensor:
+    def combine_start(self, y_ND: Tensor, pending: _HierPending) -> Then:
+        # the intra-node combine is synchronous; the inter-node exchange (the slow one) overlaps
         partial_RD = self.inner.combine(y_ND, pending.inner)
-        back, _ = all_to_all(partial_RD, pending.in_splits, pending.out_splits, self.inter_group, self.stats)
-        out_TD = back.new_zeros((pending.num_tokens, back.shape[1]), dtype=torch.promote_types(back.dtype, torch.float32))
-        return out_TD.index_add(0, pending.sel, back.to(out_TD.dtype)).to(y_ND.dtype)
+        back = _started(all_to_all(partial_RD, pending.in_splits, pending.out_splits, self.inter_group, self.stats,
+                                   async_op=self.overlap), self.overlap)
+
+        def node_sums(b: Tensor) -> Tensor:
+            out_TD = b.new_zeros((pending.num_tokens, b.shape[1]), dtype=torch.promote_types(b.dtype, torch.float32))
+            return out_TD.index_add(0, pending.sel, b.to(out_TD.dtype)).to(y_ND.dtype)
+        return Then(back, node_sums)
 
 
-class ExpertTPDispatcher:
+class ExpertTPDispatcher(Combining):
     """Expert tensor parallelism around an EP dispatcher (see the module docstring)."""
 
     def __init__(self, inner, tp_group):
@@ -214,8 +216,8 @@ class ExpertTPDispatcher:
         return self.inner.dispatch(copy_to_tp(x_TD, self.tp_group), expert_idx_TK,
                                    copy_to_tp(weights_TK, self.tp_group))
 
-    def combine(self, y_ND: Tensor, pending) -> Tensor:
-        return reduce_from_tp(self.inner.combine(y_ND, pending), self.tp_group)
+    def combine_start(self, y_ND: Tensor, pending) -> Then:
+        return Then(self.inner.combine_start(y_ND, pending), lambda t: reduce_from_tp(t, self.tp_group))
 
 
 class _SplitPending:
@@ -226,7 +228,7 @@ class _SplitPending:
         return self.inner.wait()
 
 
-class TokenSplitDispatcher:
+class TokenSplitDispatcher(Combining):
     """TP-extend-EP around an EP dispatcher over ep x tp ranks (see the module docstring)."""
 
     def __init__(self, inner, tp_group):
@@ -238,8 +240,9 @@ class TokenSplitDispatcher:
         pending = self.inner.dispatch(split_to_tp(x_TD, g), split_to_tp(expert_idx_TK, g), split_to_tp(weights_TK, g))
         return _SplitPending(pending, x_TD.shape[0])
 
-    def combine(self, y_ND: Tensor, pending: _SplitPending) -> Tensor:
-        return gather_from_tp(self.inner.combine(y_ND, pending.inner), pending.num_tokens, self.tp_group)
+    def combine_start(self, y_ND: Tensor, pending: _SplitPending) -> Then:
+        return Then(self.inner.combine_start(y_ND, pending.inner),
+                    lambda t: gather_from_tp(t, pending.num_tokens, self.tp_group))
 
 
 def _ep_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats], overlap: bool):

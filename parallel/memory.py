@@ -34,7 +34,8 @@ SWAP_TARGETS = {
     "attention": ((MLA, "forward"), (GQA, "forward")),
     "core_attention": ((MLA, "core_attention"), (GQA, "core_attention")),
     "expert_ffn": ((GroupedExperts, "forward"),),
-    "mlp": ((SwiGLU, "forward"),),
+    # the two halves, not forward: the MoE layer calls them apart around its exchanges
+    "mlp": ((SwiGLU, "gate_up"), (SwiGLU, "act_down")),
 }
 
 

@@ -45,8 +45,11 @@ class PlacedDispatcher:
         slots_TK = torch.where(expert_idx_TK >= 0, table[expert_idx_TK.clamp(min=0)], expert_idx_TK)
         return self.inner.dispatch(x_TD, slots_TK, weights_TK)
 
+    def combine_start(self, y_ND: Tensor, pending):
+        return self.inner.combine_start(y_ND, pending)
+
     def combine(self, y_ND: Tensor, pending) -> Tensor:
-        return self.inner.combine(y_ND, pending)
+        return self.combine_start(y_ND, pending).wait()
 
 
 def _plan_exchange(old: Tensor, new: Tensor, rank: int, size: int):

@@ -25,6 +25,7 @@ from moe.block import TransformerBlock
 from moe.layer import GroupedExperts
 from moe.layers import RMSNorm, SwiGLU
 from moe.router import Router
+from parallel.method_wrap import innermost, wrap_inner
 
 # kind -> (module class, method name) pairs it recomputes
 RECOMPUTE_TARGETS = {
@@ -38,8 +39,9 @@ RECOMPUTE_TARGETS = {
 
 
 def checkpointed(module: nn.Module, method: str) -> None:
-    """Replace `module.<method>` by itself under activation checkpointing (idempotent)."""
-    fn = getattr(module, method)
+    """Replace `module.<method>` by itself under activation checkpointing (idempotent), inside any
+    outer wrapper (TP's f and g stay outside the recomputed region; parallel/method_wrap.py)."""
+    fn = innermost(module, method)
     if getattr(fn, "_recomputed", False):
         return
     routers = [m for m in module.modules() if isinstance(m, Router)]
@@ -63,7 +65,7 @@ def checkpointed(module: nn.Module, method: str) -> None:
         return checkpoint(body, *args, use_reentrant=False)
 
     run._recomputed = True
-    setattr(module, method, run)
+    wrap_inner(module, method, lambda _fn: run)
 
 
 def stage_layers(model: nn.Module) -> list:

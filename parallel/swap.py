@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from parallel.method_wrap import wrap_inner
+
 MIN_SWAP_BYTES = 1024  # smaller saved tensors stay: a copy costs more than it saves
 
 
@@ -151,11 +153,11 @@ def apply_swap(model: torch.nn.Module, swap: HostSwap, targets: list[tuple[type,
             continue
         for cls, method in targets:
             if isinstance(m, cls):
-                fn = getattr(m, method)
-
-                def run(*args, _fn=fn, **kwargs):
-                    with swap.region():
-                        return _fn(*args, **kwargs)
-                setattr(m, method, run)
+                def wrap(fn):
+                    def run(*args, **kwargs):
+                        with swap.region():
+                            return fn(*args, **kwargs)
+                    return run
+                wrap_inner(m, method, wrap)  # inside TP's f and g (parallel/method_wrap.py)
                 wrapped += 1
     return wrapped

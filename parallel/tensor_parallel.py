@@ -33,6 +33,7 @@ from torch import nn
 from moe.attention import GQA, MLA
 from moe.layers import SwiGLU
 from parallel.layout import Shard
+from parallel.method_wrap import wrap_outer
 from parallel.tp_comm import copy_to_tp, reduce_from_tp
 
 COLUMN, ROW = 0, 1  # the dimension of nn.Linear.weight ([out, in]) that is split
@@ -59,7 +60,13 @@ def _split_linear(linear: nn.Linear, dim: int, rank: int, tp: int) -> Shard:
 
 
 def _make_region(module: nn.Module, group) -> None:
-    """f on the (first positional) input, g on the output."""
+    """f on the (first positional) input, g on the output. A SwiGLU gets them on its halves (f on
+    `gate_up`'s input, g on `act_down`'s output): the MoE layer calls those apart, around its
+    exchanges; recompute and swap wrappers applied later go inside them."""
+    if isinstance(module, SwiGLU):
+        wrap_outer(module, "gate_up", lambda inner, x: inner(copy_to_tp(x, group)))
+        wrap_outer(module, "act_down", lambda inner, a, b: reduce_from_tp(inner(a, b), group))
+        return
     module.register_forward_pre_hook(lambda _m, args: (copy_to_tp(args[0], group), *args[1:]))
     module.register_forward_hook(lambda _m, _args, out: reduce_from_tp(out, group))
 

@@ -5,7 +5,7 @@ runtime; the runtime cannot import the simulator, so the choice is made here and
 plain dispatcher name. What is compared: one MoE layer, one micro-batch, forward + backward on
 this rank, through the same per-layer costing as `simulator estimate` (simulator/layer_cost.py):
 the dispatcher's local permutations, the expert GEMMs on the busiest rank, and its exchanges
-message by message with the runtime's overlap rule (the shared expert hides the dispatch). The
+message by message with the runtime's overlap rule (the shared expert's halves hide the dispatch and the combine). The
 links are `parallel.emulate_links` when set (the runtime then charges exactly the link model the
 simulator uses), else the profile's. Every MoE layer has the same shape, tokens and layout, so
 one prediction covers all of them: the choice is per run.

@@ -5,8 +5,9 @@ with its overlap rules:
   exposed, less the `tp_comm_overlap` fraction.
 - EP token exchange (dispatch + combine forward, their adjoints backward, again under full
   recompute), message by message as the runtime issues them (`comm.ep_dispatch`, `ep_combine`):
-  the dispatch overlaps the shared expert's forward and the combine's gradient its backward
-  (the layout's `overlap`, as in the runtime); with `fb_overlap` (forward/backward overlap across micro-batches) the
+  with the layout's `overlap`, as in the runtime (moe/layer.py), the dispatch overlaps the shared
+  expert's up-projections and the combine its activation + down-projection, in forward and (their
+  adjoints) in backward; with `fb_overlap` (forward/backward overlap across micro-batches) the
   steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
   and cool-down. The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
 - CP (ring exchange of K and V) hides behind core attention.
@@ -210,14 +211,15 @@ class LayerCosts:
             dispatch.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
             combine.append(C.reduce_scatter(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
         t_d, t_c = C.comm_time(dispatch, hw), C.comm_time(combine, hw)
-        shared_f = sum(op.fwd for op in ffn_ops if op.name.startswith("shared"))
-        shared_b = sum(op.bwd for op in ffn_ops if op.name.startswith("shared"))
-        # Backward runs the adjoints in reverse order: the combine's (same volume as the dispatch's
-        # hidden vectors) first, overlapping the shared expert's backward, then the dispatch's.
+        up = [op for op in ffn_ops if op.name in ("shared_w1", "shared_w3")]
+        down = [op for op in ffn_ops if op.name in ("shared_act", "shared_w2")]
+        # The shared expert's up-projections run while the dispatch is in flight, its activation and
+        # down-projection while the combine is; backward runs the adjoints in reverse order, each
+        # behind the backward of the same half (autograd runs the newest ready node first).
         # Each adjoint is costed as the forward exchange it mirrors.
         if lay.overlap:
-            exp_f = max(0.0, t_d - shared_f) + t_c
-            exp_b = max(0.0, t_c - shared_b) + t_d
+            exp_f = max(0.0, t_d - sum(op.fwd for op in up)) + max(0.0, t_c - sum(op.fwd for op in down))
+            exp_b = max(0.0, t_c - sum(op.bwd for op in down)) + max(0.0, t_d - sum(op.bwd for op in up))
         else:
             exp_f = exp_b = t_d + t_c
         if lay.recompute == "full":

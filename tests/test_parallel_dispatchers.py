@@ -104,7 +104,8 @@ def _bytes(dispatcher: str) -> dict:
 
 def _overlap(overlap: bool) -> dict:
     """Does dispatch return with the token exchange still owed (an async work), and does the MoE
-    layer compute the shared expert between dispatch and wait?"""
+    layer compute the shared expert's up-projections between dispatch and wait, its down-projection
+    between combine start and wait?"""
     rt = _runtime("alltoall", overlap)
     layer = MoELayer(ModelConfig(**CFG), get_kernels("fast"))
     rt.parallelize(layer)
@@ -115,19 +116,60 @@ def _overlap(overlap: bool) -> dict:
 
         def dispatch(self, *a):
             p = inner.dispatch(*a)
-            events.append(("dispatch", len(p.handle._works)))
+            events.append(("dispatch", int(p.recv.asynchronous)))
             orig_wait = p.wait
             p.wait = lambda: (events.append(("wait", 0)), orig_wait())[1]
             return p
 
-        def combine(self, *a):
-            events.append(("combine", 0))
-            return inner.combine(*a)
+        def combine_start(self, *a):
+            c = inner.combine_start(*a)
+            events.append(("combine_start", int(c.inner.asynchronous)))
+            orig_wait = c.wait
+            c.wait = lambda: (events.append(("combine_wait", 0)), orig_wait())[1]
+            return c
 
     layer.dispatcher = Recording()
-    layer.shared.register_forward_hook(lambda *_: events.append(("shared", 0)))
+    layer.shared.w1.register_forward_hook(lambda *_: events.append(("shared_up", 0)))
+    layer.shared.w2.register_forward_hook(lambda *_: events.append(("shared_down", 0)))
     layer(inputs(dist.get_rank())[0])
     return {"events": events}
+
+
+def _backward_order(dispatcher: str, overlap: bool = True) -> list:
+    """The backward's events: each asynchronous exchange's adjoint start and wait (tagged with the
+    forward phase that created it: dispatch, or combine once the experts ran) and the backward of
+    the shared expert's halves (w1: up-projection, w2: down-projection)."""
+    from parallel import comm
+    rt = _runtime(dispatcher, overlap)
+    layer = MoELayer(ModelConfig(**CFG), get_kernels("fast"))
+    rt.parallelize(layer)
+    events, phase = [], ["dispatch"]
+    begin_fwd, begin_bwd, end_bwd = comm._Begin.forward, comm._Begin.backward, comm._End.backward
+
+    def tagged_forward(ctx, x, ex):
+        ex.phase = phase[0]
+        return begin_fwd(ctx, x, ex)
+
+    def waited(ctx, g):
+        events.append(("wait", ctx.ex.phase))
+        return begin_bwd(ctx, g)
+
+    def started(ctx, g):
+        events.append(("start", ctx.ex.phase))
+        return end_bwd(ctx, g)
+    comm._Begin.forward, comm._Begin.backward, comm._End.backward = (
+        staticmethod(tagged_forward), staticmethod(waited), staticmethod(started))
+    try:
+        layer.experts.register_forward_hook(lambda *_: phase.__setitem__(0, "combine"))
+        layer.shared.w1.register_full_backward_hook(lambda *_: events.append(("up", "")))
+        layer.shared.w2.register_full_backward_hook(lambda *_: events.append(("down", "")))
+        x = inputs(dist.get_rank())[0].requires_grad_()
+        out, _ = layer(x)
+        out.square().sum().backward()
+    finally:
+        comm._Begin.forward, comm._Begin.backward, comm._End.backward = (
+            staticmethod(begin_fwd), staticmethod(begin_bwd), staticmethod(end_bwd))
+    return events
 
 
 def _worker() -> dict:
@@ -135,6 +177,8 @@ def _worker() -> dict:
     for name in DISPATCHERS:
         out[f"layer/{name}"] = _layer_vs_reference(name)
         out[f"bytes/{name}"] = _bytes(name)
+        out[f"backward/{name}"] = _backward_order(name)
+    out["backward/off"] = _backward_order("alltoall", overlap=False)
     out["overlap/on"], out["overlap/off"] = _overlap(True), _overlap(False)
     return out
 
@@ -204,6 +248,25 @@ def test_hierarchical_sends_each_token_once_per_remote_node():
 def test_shared_expert_overlaps_async_dispatch():
     for res in results():
         on, off = res["overlap/on"]["events"], res["overlap/off"]["events"]
-        assert [e for e, _ in on] == ["dispatch", "shared", "wait", "combine"]
-        assert on[0][1] == 1, "with overlap the token exchange must still be in flight after dispatch()"
-        assert off[0][1] == 0, "without overlap dispatch() finishes the exchange itself"
+        order = ["dispatch", "shared_up", "wait", "combine_start", "shared_down", "combine_wait"]
+        assert [e for e, _ in on] == [e for e, _ in off] == order
+        assert on[0][1] == on[3][1] == 1, "with overlap both exchanges must still be in flight after their start"
+        assert off[0][1] == off[3][1] == 0, "without overlap each start finishes its exchange itself"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_backward_exchanges_overlap_the_shared_expert(name):
+    """In backward each half of the shared expert runs between its exchange's adjoint start and
+    wait: the combine's adjoint behind the down-projection's backward, then the dispatch's behind
+    the up-projections'."""
+    for res in results():
+        ev = res[f"backward/{name}"]
+        down, up = ev.index(("down", "")), ev.index(("up", ""))
+        assert down < up
+        for phase, half in (("combine", down), ("dispatch", up)):
+            starts = [i for i, e in enumerate(ev) if e == ("start", phase)]
+            waits = [i for i, e in enumerate(ev) if e == ("wait", phase)]
+            assert starts and len(starts) == len(waits), (phase, ev)
+            assert max(starts) < half < min(waits), (name, phase, ev)
+        assert res["backward/off"] == [("down", ""), ("up", "")], "overlap: false has no split exchanges"
