@@ -62,6 +62,20 @@ class ModelParts:
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(h_BSD, weight.to(h_BSD.dtype))
 
+    @staticmethod
+    def token_losses(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy in fp32 (parallel/vocab_parallel.py replaces it for split logits)."""
+        return F.cross_entropy(logits_NV.float(), labels_N, reduction="none")
+
+    def lm_loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
+                mask_BS: Optional[torch.Tensor]) -> torch.Tensor:
+        """Mean token loss over the unmasked tokens."""
+        losses = self.token_losses(logits_BSV.flatten(0, 1), labels_BS.flatten())
+        if mask_BS is None:
+            return losses.mean()
+        mask = mask_BS.flatten().float()
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
@@ -87,7 +101,7 @@ class ModelParts:
         zero = logits.new_zeros((), dtype=torch.float32)
         lm_loss = mtp_loss = zero
         if labels_BS is not None:
-            lm_loss = _cross_entropy(logits, labels_BS, loss_mask_BS)
+            lm_loss = self.lm_loss(logits, labels_BS, loss_mask_BS)
             mtp_losses = []
             seq = tokens_BS.shape[1]
             for depth, module in enumerate(self.mtp, start=1):
@@ -98,7 +112,7 @@ class ModelParts:
                     aux_losses.append(aux["aux_loss"])
                     z_losses.append(aux["z_loss"])
                 mask = loss_mask_BS[:, depth:] if loss_mask_BS is not None else None
-                mtp_losses.append(_cross_entropy(self.logits(module.norm(h)), labels_BS[:, depth:], mask))
+                mtp_losses.append(self.lm_loss(self.logits(module.norm(h)), labels_BS[:, depth:], mask))
             if mtp_losses:
                 mtp_loss = torch.stack(mtp_losses).mean()
         return logits, lm_loss, mtp_loss
@@ -143,11 +157,3 @@ class MoETransformer(ModelParts, nn.Module):
         loss = lm_loss + self.cfg.mtp_loss_weight * mtp_loss + aux_loss + z_loss
         return ModelOutput(loss, lm_loss, aux_loss, z_loss, mtp_loss, logits if return_logits else None)
 
-
-def _cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
-                   mask_BS: Optional[torch.Tensor]) -> torch.Tensor:
-    losses = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
-    if mask_BS is None:
-        return losses.mean()
-    mask = mask_BS.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -6,6 +6,9 @@ counts over a process group. It is identity on one device; `parallel/` sets it t
 the expert-parallel group to get the "EP-group" balance loss and replica-consistent bias updates.
 A second hook, `logits_hook` (None: off), may rewrite the fp32 logits before scoring: the skewed-
 routing workload (parallel/skew.py) biases them from outside to make expert popularity uneven.
+A third, `token_reducer` (None: off), sums a tensor over the ranks that share the micro-batch's
+tokens when this router sees only part of them (sequence parallelism, parallel/sequence_parallel.py):
+the balance losses, the z-loss and the expert-load counts then describe the whole micro-batch.
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ class Router(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
         self.stats_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.logits_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.token_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
@@ -96,12 +100,13 @@ class Router(nn.Module):
         # The balance loss steers what routing chooses, so it sees the selection before dropping.
         aux = self._aux_loss(scores_TE, expert_idx_TK, seq_len) if cfg.aux_loss_coeff > 0 and self.training \
             else scores_TE.new_zeros(())
-        z = (torch.logsumexp(logits_TE, -1) ** 2).mean() if cfg.z_loss_coeff > 0 and self.training \
-            else scores_TE.new_zeros(())
+        z = self._z_loss(logits_TE) if cfg.z_loss_coeff > 0 and self.training else scores_TE.new_zeros(())
         if cfg.capacity_factor is not None:
             expert_idx_TK = self._drop_over_capacity(expert_idx_TK)
 
         counts_E = torch.bincount(expert_idx_TK[expert_idx_TK >= 0], minlength=cfg.num_experts)
+        if self.token_reducer is not None:
+            counts_E = self.token_reducer(counts_E)
         if self.training and cfg.expert_bias:
             self.load_since_update += counts_E.float()
         return Routing(expert_idx_TK, weights_TK, counts_E, aux * cfg.aux_loss_coeff, z * cfg.z_loss_coeff)
@@ -115,10 +120,19 @@ class Router(nn.Module):
         position = (one_hot.cumsum(0) * one_hot).sum(-1).view(t, k)  # 1-based rank within expert
         return expert_idx_TK.masked_fill(position > capacity, -1)
 
+    def _z_loss(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        lse2_T = torch.logsumexp(logits_TE, -1) ** 2
+        if self.token_reducer is None:
+            return lse2_T.mean()
+        sums = self.token_reducer(torch.stack([lse2_T.sum(), lse2_T.new_tensor(float(lse2_T.shape[0]))]))
+        return sums[0] / sums[1]
+
     def _aux_loss(self, scores_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
                   seq_len: Optional[int]) -> torch.Tensor:
         cfg = self.cfg
         scope = cfg.aux_loss_scope
+        if self.token_reducer is not None:
+            return self._aux_loss_shared(scores_TE, expert_idx_TK, seq_len)
         if scope == "sequence" and seq_len is not None:
             per_seq = [balance_loss(s, i, cfg.num_experts)
                        for s, i in zip(scores_TE.split(seq_len), expert_idx_TK.split(seq_len))]
@@ -130,6 +144,27 @@ class Router(nn.Module):
             scaled = total * (local.sum() / total.sum().clamp(min=1))
             return balance_loss(scores_TE, expert_idx_TK, cfg.num_experts, counts_E=scaled)
         return balance_loss(scores_TE, expert_idx_TK, cfg.num_experts)
+
+    def _aux_loss_shared(self, scores_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
+                         seq_len: Optional[int]) -> torch.Tensor:
+        """`_aux_loss` when this rank holds part of the micro-batch's tokens (part of every
+        sequence): each per-scope sum (tokens, scores per expert, selections per expert) is summed
+        over the sharing ranks first, then `balance_loss`'s formula applies to the totals."""
+        cfg, E = self.cfg, self.cfg.num_experts
+        t, k = expert_idx_TK.shape
+        per_seq = cfg.aux_loss_scope == "sequence" and seq_len is not None
+        rows = t // seq_len if per_seq else 1  # one row of sums per sequence, or one for the micro-batch
+        probs_XTE = (scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=1e-20)).view(rows, -1, E)
+        counts_XE = torch.zeros(rows, E, device=scores_TE.device).scatter_add_(
+            1, expert_idx_TK.view(rows, -1), torch.ones(rows, t // rows * k, device=scores_TE.device))
+        tokens = probs_XTE.new_full((rows, 1), float(t // rows))
+        sums = self.token_reducer(torch.cat([probs_XTE.sum(1), counts_XE, tokens], dim=1))
+        p_XE, counts_XE, tokens = sums[:, :E], sums[:, E:2 * E].detach(), sums[:, 2 * E:].detach()
+        if cfg.aux_loss_scope == "group" and self.stats_reducer is not None:
+            total = self.stats_reducer(counts_XE[0].clone())
+            counts_XE = (total * (counts_XE.sum() / total.sum().clamp(min=1))).unsqueeze(0)
+        f_XE = counts_XE * E / (k * tokens)
+        return (f_XE * p_XE / tokens).sum(-1).mean()
 
     def pending_load(self) -> Optional[torch.Tensor]:
         """The kept-assignment counts gathered since the last bias update (aux-loss-free balancing),

@@ -61,6 +61,8 @@ class ParallelConfig:
     etp: Optional[int] = None  # expert tensor parallelism; None = same as tp
     tp_extend_ep: bool = False  # MoE layers: TP ranks split experts instead of expert weights
     sequence_parallel: bool = False  # with TP: shard the tokens outside TP regions over the TP ranks
+    # with TP: embedding, output head and cross-entropy split over the vocabulary (parallel/vocab_parallel.py)
+    vocab_parallel: bool = True
     dispatcher: Dispatcher = "alltoall"
     devices_per_node: int = 8  # node structure for the hierarchical all-to-all; a setting on CPU
     # attention-side dims of a stage, innermost first; tp last keeps EP peers on one node (layout.py)
@@ -139,6 +141,11 @@ class ParallelConfig:
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tp * self.cp * self.pp)
 
+    @property
+    def vocab_shards(self) -> int:
+        """Ranks the embedding and output head are split over (parallel/vocab_parallel.py)."""
+        return self.tp if self.vocab_parallel else 1
+
     def check_world(self, world_size: int, model: Optional["ModelConfig"] = None, path: str = "parallel",
                     devices_per_node: Optional[int] = None) -> None:
         """Raise ConfigError unless this layout tiles `world_size` ranks (and fits `model`).
@@ -197,6 +204,10 @@ class ParallelConfig:
             widths.append(("etp" if self.etp is not None and self.etp != tp else "tp", etp,
                            "model.expert_ffn_size", model.expert_ffn_size,
                            ", or set tp_extend_ep: true (TP ranks then split experts, not their weights)"))
+        if self.vocab_parallel:
+            widths.append(("tp", tp, "model.vocab_size", model.vocab_size,
+                           ", pad the vocabulary to a multiple of tp, or set vocab_parallel: false (every TP rank "
+                           "then holds the whole embedding and head)"))
         for name, ranks, what, n, alternative in widths:
             if n % ranks:
                 raise ConfigError(f"{p}{name}: {what}={n} is not divisible by {name}={ranks}; choose {name} among "
@@ -247,6 +258,20 @@ def check_runtime_support(cfg: ParallelConfig, path: str = "parallel") -> None:
     if cfg.etp is not None and cfg.etp != cfg.tp and not cfg.tp_extend_ep:
         raise ConfigError(f"{p}etp: expert tensor parallelism other than tp (etp={cfg.etp}, tp={cfg.tp}) is not "
                           f"supported by the training runtime yet; set etp: null, or tp_extend_ep: true")
-    if cfg.sequence_parallel and cfg.tp > 1:
-        raise ConfigError(f"{p}sequence_parallel: not supported by the training runtime yet (every TP rank "
-                          f"holds all tokens outside the TP regions); set sequence_parallel: false")
+    if cfg.sequence_parallel and cfg.tp == 1:
+        raise ConfigError(f"{p}sequence_parallel: splits the tokens over the TP ranks, but tp=1; set tp > 1 "
+                          "or sequence_parallel: false")
+
+
+def check_sequence_parallel(cfg: ParallelConfig, model: "ModelConfig", seq_len: int, path: str = "parallel") -> None:
+    """The sequence-parallel rules that need the model and the sequence length (train.seq_len)."""
+    if not (cfg.sequence_parallel and cfg.tp > 1):
+        return
+    p = f"{path}." if path else ""
+    if seq_len % cfg.tp:
+        raise ConfigError(f"{p}sequence_parallel: train.seq_len={seq_len} does not split evenly over tp={cfg.tp} "
+                          f"ranks; choose seq_len a multiple of {cfg.tp}, or set sequence_parallel: false")
+    if model.capacity_factor is not None and model.num_moe_layers > 0:
+        raise ConfigError(f"{p}sequence_parallel: model.capacity_factor={model.capacity_factor} drops tokens by "
+                          "their order in the micro-batch, which no TP rank sees whole under sequence "
+                          "parallelism; set capacity_factor: null (dropless) or sequence_parallel: false")

@@ -150,8 +150,9 @@ class GradReducer:
         self.tp_split = [p for n, p in named if n in split and p.requires_grad]
         self.tp_partial = [p for n, p in named if n in partial and p.requires_grad]
         split_ids = {id(p) for p in self.tp_split}
-        self.replicated = [p for p in self.dense if id(p) not in split_ids and
-                           not (p is shared_embedding and not embedding_counted)]
+        uncounted = shared_embedding if not embedding_counted else None  # left out of the norm
+        self.replicated = [p for p in self.dense if id(p) not in split_ids and p is not uncounted]
+        self.split_counted = [p for p in self.tp_split if p is not uncounted]  # vocab-parallel copy
         self.routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
         first = next(model.parameters(), None)  # a pipeline stage of no-op layers holds none
         self.device = first.device if first is not None else torch.device("cpu")
@@ -221,7 +222,7 @@ class GradReducer:
             links.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.ep_group)
         if layout.etp > 1:
             links.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.meshes.etp_group)
-        split_sq = sq(self.tp_split)
+        split_sq = sq(self.split_counted)
         if layout.tp > 1:
             links.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=self.meshes.tp_group)
         if layout.pp == 1:

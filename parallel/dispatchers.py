@@ -11,7 +11,9 @@ layer did between start and wait (the shared expert) runs in backward while it i
 Experts are split in order: EP rank r of the group holds experts [r * El, (r + 1) * El).
 
 With tensor parallelism (tp > 1) every rank of a TP group holds the same tokens and routing, and
-one of two wrappers goes around the EP dispatcher:
+one of two wrappers goes around the EP dispatcher (with sequence parallelism each TP rank routes its
+own tokens instead: expert TP gathers them over TP first, `SequenceExpertTPDispatcher`, and
+TP-extend-EP needs no wrapper):
 - `ExpertTPDispatcher` (expert tensor parallelism, etp = tp): each TP rank dispatches all tokens
   within its EP group (the ranks of the same TP index) to experts holding its 1/tp of the FFN width;
   partial outputs are summed over TP after combine. Inputs and routing weights enter through f
@@ -32,6 +34,7 @@ from moe.dispatch import Combining, LocalDispatcher, Then
 from parallel.comm import (CommStats, Inflight, all_gather, all_gather_sizes, all_to_all, exchange_counts,
                            reduce_scatter)
 from parallel.config import DISPATCHERS
+from parallel.sequence_parallel import gather_rows, scatter_rows
 from parallel.tp_comm import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
 
 
@@ -245,6 +248,25 @@ class TokenSplitDispatcher(Combining):
                     lambda t: gather_from_tp(t, pending.num_tokens, self.tp_group))
 
 
+class SequenceExpertTPDispatcher(Combining):
+    """Expert TP under sequence parallelism: each TP rank routed only its own tokens, but holds a
+    slice of every expert, so the tokens (with their routing) are gathered over the TP group before
+    the EP dispatch (backward: the partial gradients reduce-scattered), and the combined partial
+    outputs are reduce-scattered back to the ranks that own the tokens."""
+
+    def __init__(self, inner, tp_group):
+        self.inner, self.tp_group = inner, tp_group
+        self.num_local_experts = inner.num_local_experts
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _SplitPending:
+        g = self.tp_group
+        pending = self.inner.dispatch(gather_rows(x_TD, g), gather_rows(expert_idx_TK, g), gather_rows(weights_TK, g))
+        return _SplitPending(pending, x_TD.shape[0])
+
+    def combine_start(self, y_ND: Tensor, pending: _SplitPending) -> Then:
+        return Then(self.inner.combine_start(y_ND, pending.inner), lambda t: scatter_rows(t, self.tp_group))
+
+
 def _ep_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats], overlap: bool):
     if meshes.layout.ep == 1:
         return LocalDispatcher(kernels, num_experts)
@@ -258,15 +280,15 @@ def _ep_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional
 
 
 def make_dispatcher(name: str, kernels, num_experts: int, meshes, stats: Optional[CommStats] = None,
-                    overlap: bool = True):
+                    overlap: bool = True, sequence_parallel: bool = False):
     """The dispatcher `name` for one MoE layer of `num_experts` experts over `meshes`' EP group,
-    wrapped for tensor parallelism when tp > 1."""
+    wrapped for tensor parallelism when tp > 1 (`sequence_parallel`: each TP rank routed its own tokens)."""
     if name not in DISPATCHERS:
         raise ValueError(f"unknown dispatcher {name!r}; allowed: {', '.join(DISPATCHERS)}")
     inner = _ep_dispatcher(name, kernels, num_experts, meshes, stats, overlap)
     layout = meshes.layout
     if layout.etp > 1:
-        return ExpertTPDispatcher(inner, meshes.etp_group)
-    if layout.tp > 1:  # TP-extend-EP: the TP ranks are inside the EP group
+        return (SequenceExpertTPDispatcher if sequence_parallel else ExpertTPDispatcher)(inner, meshes.etp_group)
+    if layout.tp > 1 and not sequence_parallel:  # TP-extend-EP: the TP ranks are inside the EP group
         return TokenSplitDispatcher(inner, meshes.tp_group)
-    return inner
+    return inner  # (with sequence parallelism TP-extend-EP's tokens are split already)

@@ -57,7 +57,7 @@ def _sum_over(group, copies: int = 1):
 
 
 def apply_expert_parallel(model: nn.Module, meshes: Meshes, dispatcher: str, stats: Optional[CommStats] = None,
-                          overlap: bool = True) -> dict[str, tuple[Shard, ...]]:
+                          overlap: bool = True, sequence_parallel: bool = False) -> dict[str, tuple[Shard, ...]]:
     """Shard and rewire every MoE layer of `model` in place; return every expert parameter's name
     (their gradients are reduced over the expert-data-parallel group) with its shards."""
     layout = meshes.layout
@@ -72,7 +72,8 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes, dispatcher: str, sta
         shard_experts(layer.experts, {n: s for n, s in shards.items() if s})
         if layout.ep > 1:
             layer.router.stats_reducer = _sum_over(meshes.ep_group, copies)
-        layer.dispatcher = make_dispatcher(dispatcher, layer.experts.kernels, num_experts, meshes, stats, overlap)
+        layer.dispatcher = make_dispatcher(dispatcher, layer.experts.kernels, num_experts, meshes, stats, overlap,
+                                           sequence_parallel and module_name.startswith("layers."))
         prefix = f"{module_name}.experts." if module_name else "experts."
         names.update({prefix + w: shards[w] for w in EXPERT_WEIGHTS})
     return names

@@ -38,6 +38,7 @@ from parallel.metrics import step_metrics
 from parallel.pipeline import PipelineModel
 from parallel.pipeline_layout import stage_plan
 from parallel.tensor_parallel import TPPlan, apply_tensor_parallel
+from parallel.vocab_parallel import apply_vocab_parallel
 from parallel.zero import ZeroOptimizer
 
 if TYPE_CHECKING:  # torch.distributed.pipelining takes seconds to import: only runs with pp > 1 do
@@ -138,8 +139,12 @@ class ParallelRuntime:
         rank's pipeline stages), built with the same seed on every rank."""
         tp = TPPlan()
         if self.layout.tp > 1:
-            tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp)
-        experts = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats, self.cfg.overlap)
+            tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp,
+                                       self.cfg.sequence_parallel)
+            if self.cfg.vocab_parallel:
+                tp.shards.update(apply_vocab_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp))
+        sp = self.cfg.sequence_parallel and self.layout.tp > 1
+        experts = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats, self.cfg.overlap, sp)
         self.expert_param_names = list(experts)
         self.shards = {**tp.shards, **{n: s for n, s in experts.items() if s}}
         self.tp_partial_names = tp.partial

@@ -34,6 +34,8 @@ from moe.attention import GQA, MLA
 from moe.layers import SwiGLU
 from parallel.layout import Shard
 from parallel.method_wrap import wrap_outer
+from parallel.sequence_parallel import (apply_sequence_parallel, gather_rows, gather_sequence, scatter_rows,
+                                        scatter_sequence)
 from parallel.tp_comm import copy_to_tp, reduce_from_tp
 
 COLUMN, ROW = 0, 1  # the dimension of nn.Linear.weight ([out, in]) that is split
@@ -59,16 +61,21 @@ def _split_linear(linear: nn.Linear, dim: int, rank: int, tp: int) -> Shard:
     return Shard(dim, rank, tp)
 
 
-def _make_region(module: nn.Module, group) -> None:
+def _make_region(module: nn.Module, group, sequence_parallel: bool) -> None:
     """f on the (first positional) input, g on the output. A SwiGLU gets them on its halves (f on
     `gate_up`'s input, g on `act_down`'s output): the MoE layer calls those apart, around its
-    exchanges; recompute and swap wrappers applied later go inside them."""
+    exchanges; recompute and swap wrappers applied later go inside them. With sequence parallelism
+    f gathers the tokens and g reduce-scatters them (parallel/sequence_parallel.py)."""
+    if sequence_parallel:
+        enter, leave = (gather_rows, scatter_rows) if isinstance(module, SwiGLU) else (gather_sequence, scatter_sequence)
+    else:
+        enter, leave = copy_to_tp, reduce_from_tp
     if isinstance(module, SwiGLU):
-        wrap_outer(module, "gate_up", lambda inner, x: inner(copy_to_tp(x, group)))
-        wrap_outer(module, "act_down", lambda inner, a, b: reduce_from_tp(inner(a, b), group))
+        wrap_outer(module, "gate_up", lambda inner, x: inner(enter(x, group)))
+        wrap_outer(module, "act_down", lambda inner, a, b: leave(inner(a, b), group))
         return
-    module.register_forward_pre_hook(lambda _m, args: (copy_to_tp(args[0], group), *args[1:]))
-    module.register_forward_hook(lambda _m, _args, out: reduce_from_tp(out, group))
+    module.register_forward_pre_hook(lambda _m, args: (enter(args[0], group), *args[1:]))
+    module.register_forward_hook(lambda _m, _args, out: leave(out, group))
 
 
 def _region_layout(module: nn.Module, tp: int) -> tuple[dict[str, int], list[nn.Module]]:
@@ -92,9 +99,11 @@ def _region_layout(module: nn.Module, tp: int) -> tuple[dict[str, int], list[nn.
     raise TypeError(f"no tensor-parallel layout for {type(module).__name__}")
 
 
-def apply_tensor_parallel(model: nn.Module, group, rank: int, tp: int) -> TPPlan:
+def apply_tensor_parallel(model: nn.Module, group, rank: int, tp: int, sequence_parallel: bool = False) -> TPPlan:
     """Shard every attention module and SwiGLU of `model` in place over the TP group (this rank is
-    `rank` of `tp`); return which parameters are split and which have partial gradients."""
+    `rank` of `tp`); return which parameters are split and which have partial gradients. With
+    `sequence_parallel` the regions of `model.layers` take sequence-split inputs (MTP blocks keep
+    whole sequences); parallel/sequence_parallel.py does the rest."""
     plan = TPPlan()
     regions = [(name, m) for name, m in model.named_modules() if isinstance(m, (MLA, GQA, SwiGLU))]
     for name, module in regions:
@@ -104,5 +113,7 @@ def apply_tensor_parallel(model: nn.Module, group, rank: int, tp: int) -> TPPlan
             plan.shards[f"{prefix}{child}.weight"] = (_split_linear(getattr(module, child), dim, rank, tp),)
         owned = {id(p) for sub in replicated for p in sub.parameters()}
         plan.partial += [f"{prefix}{n}" for n, p in module.named_parameters() if id(p) in owned]
-        _make_region(module, group)
+        _make_region(module, group, sequence_parallel and name.startswith("layers."))
+    if sequence_parallel:
+        plan.partial += apply_sequence_parallel(model, group)
     return plan

@@ -219,16 +219,18 @@ class ComputeModel:
     def embedding(self, T: float, sp: int) -> list[Op]:
         return [self.eltwise("embedding", "embedding", T / sp * self.model.hidden_size)]
 
-    def head(self, T: float, tp: int, sp: int | None = None) -> list[Op]:
-        """Final norm, vocab-parallel output projection and fp32 cross-entropy."""
+    def head(self, T: float, tp: int, sp: int | None = None, vt: int | None = None) -> list[Op]:
+        """Final norm, output projection and fp32 cross-entropy over this rank's `vt`-th of the
+        vocabulary (vocab-parallel: vt = tp; replicated: 1)."""
         cfg, D = self.model, self.model.hidden_size
+        vt = tp if vt is None else vt
         return [self.eltwise("final_norm", "norm", T / (sp or tp) * D),
-                self.gemm("head", T, D, cfg.vocab_size / tp),
-                self.eltwise("cross_entropy", "cross_entropy", T * cfg.vocab_size / tp, elem_bytes=4)]
+                self.gemm("head", T, D, cfg.vocab_size / vt),
+                self.eltwise("cross_entropy", "cross_entropy", T * cfg.vocab_size / vt, elem_bytes=4)]
 
-    def mtp_extra(self, T: float, tp: int, sp: int | None = None) -> list[Op]:
+    def mtp_extra(self, T: float, tp: int, sp: int | None = None, vt: int | None = None) -> list[Op]:
         """An MTP module's own work besides its transformer block: norms, projection, head pass."""
         D = self.model.hidden_size
         return [self.eltwise("mtp_norms", "norm", 2 * T / (sp or tp) * D),
                 self.gemm("mtp_proj", T, 2 * D, D / tp)] + [
-            Op("mtp_" + o.name, o.fwd, o.bwd, o.flops) for o in self.head(T, tp, sp)]
+            Op("mtp_" + o.name, o.fwd, o.bwd, o.flops) for o in self.head(T, tp, sp, vt)]

@@ -141,7 +141,7 @@ class Simulator:
                    max(sum(act_full[i] * n for i, n in c) for c in chunks),
                    max(sum(swapped[i] * n for i, n in c) - self._full_layers_saving(lay, d, cnt)[1]
                        for c, cnt in zip(chunks, comp)),
-                   self._params(params_key, lay.tp, d.ep, d.etp), tensors)
+                   self._params(params_key, lay.tp, d.ep, d.etp, lay.vocab_shards), tensors)
             self._cache[key] = hit
         return hit
 
@@ -156,12 +156,12 @@ class Simulator:
                                       sum(n * self._tensors[k] for k, n in zip(KINDS, tot)))
         return hit
 
-    def _params(self, tot: tuple, tp: int, ep: int, etp: int) -> tuple[float, float]:
-        key = ("params", tot, tp, ep, etp)
+    def _params(self, tot: tuple, tp: int, ep: int, etp: int, vt: int) -> tuple[float, float]:
+        key = ("params", tot, tp, ep, etp, vt)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = M.stage_params(self.model, tot[0], tot[1], bool(tot[3]), bool(tot[4]),
-                                                    tp, ep, etp, self.pc)
+                                                    tp, ep, etp, self.pc, vt)
         return hit
 
     def _structure(self, lay: Layout, d: Derived) -> tuple:
@@ -189,7 +189,7 @@ class Simulator:
         """Per-rank-group sums of chunk costs for a layout (cached by the fields they depend on)."""
         lkey = (lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
                 lay.dispatcher, d.devices_per_node, lay.sequence_parallel, lay.overlap,
-                tuple(sorted(d.strides.items())),
+                tuple(sorted(d.strides.items())), lay.vocab_parallel,
                 M.policy_key(lay.memory_policy) if lay.memory_policy else None)
         key = ("pipe", lkey) + self._stages_key(lay, d)
         hit = self._cache.get(key)
@@ -294,7 +294,7 @@ class Simulator:
             # in flight, so it alone can set the step time and the memory peak of its group.
             ranks = pipe.reps
         usable = self.hw.usable_memory_bytes
-        logits = 4 * lay.micro_batch_size * lay.seq_len / lay.cp * self.model.vocab_size / lay.tp
+        logits = 4 * lay.micro_batch_size * lay.seq_len / lay.cp * self.model.vocab_size / lay.vocab_shards
         per_chunk = max(1, d.layers_per_chunk)
         window = self.opt.swap_window if lay.swap else 0
         full = lay.recompute == "full"
@@ -307,7 +307,7 @@ class Simulator:
             ends[r] = finish[r] + grad + opt + gather
             act = tl.peak_live[r] if tl is not None else sum(n * a for n, a in zip(flights[r], pipe.act[g]))
             transient = (pipe.act_full[g] if full else 0.0) / per_chunk + window * pipe.swapped[g] / per_chunk
-            if r == p - 1:  # the fp32 logits' gradient, vocab-parallel
+            if r == p - 1:  # the fp32 logits' gradient (vocab-parallel: this rank's slice)
                 transient += logits
             mems[r] = (st.total + act + transient, st, act, transient)
         crit = max(ends, key=ends.__getitem__)

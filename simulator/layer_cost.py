@@ -126,7 +126,8 @@ class LayerCosts:
         # strides, not rank_order: under dp-cp-tp the TP and CP strides depend on dp as well
         key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
                M.policy_key(lay.memory_policy) if lay.memory_policy else None, lay.dispatcher,
-               d.devices_per_node, lay.sequence_parallel, lay.overlap, tuple(sorted(d.strides.items())))
+               d.devices_per_node, lay.sequence_parallel, lay.overlap, tuple(sorted(d.strides.items())),
+               lay.vocab_parallel)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)
@@ -145,12 +146,13 @@ class LayerCosts:
         if kind == "embed":
             # its output is the first layer's input, already counted there; the lookup keeps ids only
             pcost = self._ops_cost(cm.embedding(T, sp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, 1) / 2
+            # vocab-parallel: the partial lookups summed over TP (replicated: no exchange)
+            pcost.tp = self._tp_time(hidden_bytes, lay.vocab_shards, d.strides["tp"], dpn, 1) / 2
             return pcost
         if kind == "head":
-            pcost = self._ops_cost(cm.head(T, tp, sp), "none")
-            pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, 1) / 2
-            pcost.act = T * M.saved_bytes_per_token(M.head_saved(cfg, tp, hw.fused, sp), self.b, lay.memory())[0]
+            pcost = self._ops_cost(cm.head(T, tp, sp, lay.vocab_shards), "none")
+            pcost.tp = self._tp_time(hidden_bytes, lay.vocab_shards, d.strides["tp"], dpn, 1) / 2
+            pcost.act = T * M.saved_bytes_per_token(M.head_saved(cfg, tp, hw.fused, sp, lay.vocab_shards), self.b, lay.memory())[0]
             return pcost
 
         mtp = kind == "mtp"
@@ -164,7 +166,7 @@ class LayerCosts:
         nodes = C.group_span(d.ep, d.strides["ep"], dpn)[1]
         ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes, sp, t_moe, rows)
                    if moe else cm.dense_ffn(T, tp, sp))
-        extra = cm.mtp_extra(T, tp, sp) if mtp else []
+        extra = cm.mtp_extra(T, tp, sp, lay.vocab_shards) if mtp else []
         pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
         # TP regions: attention, dense MLP or shared expert (all-gather + reduce-scatter with SP, or
         # an all-reduce each way without: the same bytes). Without SP the routed experts' output is
@@ -193,7 +195,7 @@ class LayerCosts:
         pcost.act, pcost.swapped, pcost.act_full = T * kept, T * swapped, T * full
         pcost.act_whole = T * M.saved_bytes_per_token(saved, self.b, mem, whole=True)[0]
         if mtp:  # its input norms and projection, and another pass through the head
-            extra = M.mtp_extra_saved(cfg, tp, hw.fused, sp) + M.head_saved(cfg, tp, hw.fused, sp)
+            extra = M.mtp_extra_saved(cfg, tp, hw.fused, sp) + M.head_saved(cfg, tp, hw.fused, sp, lay.vocab_shards)
             pcost.act += T * M.saved_bytes_per_token(extra, self.b, mem)[0]
         if swapped:
             t_swap = T * swapped / hw.host_link.bw + hw.host_link.lat

@@ -176,12 +176,14 @@ def layer_saved(cfg: ModelConfig, kind: str, tp: int, etp: int, imbalance: float
     raise ValueError(kind)
 
 
-def head_saved(cfg: ModelConfig, tp: int, fused: bool = True, sp: Optional[int] = None) -> list[Saved]:
+def head_saved(cfg: ModelConfig, tp: int, fused: bool = True, sp: Optional[int] = None,
+               vt: Optional[int] = None) -> list[Saved]:
     """The final norm (its input is the last layer's output, counted here), the head's input, the
-    fp32 log-probabilities the cross-entropy keeps (vocab-parallel) and the labels."""
-    D, sp = cfg.hidden_size, sp or tp
+    fp32 exponentials the cross-entropy keeps over this rank's `vt`-th of the vocabulary
+    (vocab-parallel: vt = tp) and the labels."""
+    D, sp, vt = cfg.hidden_size, sp or tp, vt or tp
     return ([Saved("final_norm_in", D / sp)] + norm_saved("final_norm", D / sp, fused, share=1 / sp)
-            + [Saved("head_in", D / sp), Saved("log_probs", cfg.vocab_size / tp, 4), Saved("labels", 1 / sp, 8)])
+            + [Saved("head_in", D / sp), Saved("log_probs", cfg.vocab_size / vt, 4), Saved("labels", 1 / sp, 8)])
 
 
 def mtp_extra_saved(cfg: ModelConfig, tp: int, fused: bool = True, sp: Optional[int] = None) -> list[Saved]:
@@ -227,8 +229,10 @@ class StateBytes:
 
 
 def stage_params(cfg: ModelConfig, n_dense: int, n_moe: int, first: bool, last: bool, tp: int, ep: int,
-                 etp: int, pc: "acc.ParamCounts | None" = None) -> tuple[float, float]:
-    """(dense, expert) parameters one device of a pipeline rank holds."""
+                 etp: int, pc: "acc.ParamCounts | None" = None, vt: Optional[int] = None) -> tuple[float, float]:
+    """(dense, expert) parameters one device of a pipeline rank holds; `vt`: the ranks the
+    embedding and head are split over (vocab-parallel: tp, the default)."""
+    vt = vt or tp
     pc = pc or acc.param_counts(cfg)
     per = pc.per_layer
     replicated_attn = sum(lin.params for lin in acc.attention_linears(cfg) if lin.name in ("wq_a", "wkv_a"))
@@ -238,9 +242,9 @@ def stage_params(cfg: ModelConfig, n_dense: int, n_moe: int, first: bool, last: 
     dense = n_dense * (block + per["dense_mlp"] / tp) + n_moe * (block + per["router"] + per["shared_expert"] / tp)
     expert = n_moe * cfg.num_experts * per["expert"] / (ep * etp)
     if first:
-        dense += pc.embedding / tp
+        dense += pc.embedding / vt
     if last:
-        dense += pc.output_head / tp + cfg.hidden_size
+        dense += pc.output_head / vt + cfg.hidden_size
         if cfg.mtp_layers:
             mtp_block = block + per["router"] + per["shared_expert"] / tp
             own = 3 * cfg.hidden_size + acc.mtp_proj_linear(cfg).params / tp

@@ -1,5 +1,6 @@
 """Memory policies under parallelism and in the trainer (issue 12): on 2 gloo ranks with expert
-parallelism (ep2, all-to-all) and with ZeRO-1 (dp2), recompute, swap and optimizer offload give
+parallelism (ep2, all-to-all), with ZeRO-1 (dp2) and with tp2 under sequence parallelism (expert TP,
+TP-extend-EP), recompute, swap and optimizer offload give
 the policy-free run's losses and parameters bitwise (a recomputed MoE layer re-runs its token
 exchange in backward); the optimizer offload with torch's AdamW matches the on-device optimizer;
 the trainer applies a recipe's memory section and logs the measured bytes in metrics.jsonl."""
@@ -25,7 +26,9 @@ POLICIES = {
     "offload+selective+swap": MemoryConfig(optimizer_offload=True, **SELECTIVE),
 }
 LAYOUTS = {"ep2": dict(ep=2, dispatcher="alltoall"), "ep2-zero1": dict(ep=2, dispatcher="alltoall", zero1=True),
-           "dp2-zero1": dict(ep=1, dispatcher="local", zero1=True)}
+           "dp2-zero1": dict(ep=1, dispatcher="local", zero1=True),
+           "tp2-sp": dict(tp=2, dispatcher="local", sequence_parallel=True),
+           "tp2-extend-sp": dict(tp=2, tp_extend_ep=True, dispatcher="alltoall", sequence_parallel=True)}
 
 
 def _worker(layouts: dict, policies: dict) -> dict:

@@ -7,6 +7,7 @@ first-step gradients 1e-5 relative): attention split by heads (MLA with and with
 latent, GQA with 2 query heads per key/value head), dense and shared-expert SwiGLUs split by
 width, and on the MoE side both expert tensor parallelism (etp = tp: each expert's FFN width split)
 and TP-extend-EP (experts over ep x tp ranks, each TP rank dispatching its slice of the tokens),
+the embedding and output head split over the vocabulary (tied or not; one scenario replicated),
 with every dispatcher, data parallelism, ZeRO-1, balance losses and bias updates. With dp = 1 the
 micro-batch balance loss is the reference's own, so the world-2 scenarios turn it on.
 
@@ -36,6 +37,7 @@ from test_parallel_equivalence import (BASE_MODEL, GLOBAL_BATCH, SEQ, _rank_work
 GQA = dict(attention="gqa", num_heads=4, num_kv_heads=2, head_dim=8)
 AUX = dict(aux_loss_coeff=1e-2, z_loss_coeff=1e-3)  # micro-batch scope: exact when dp = 1
 GROUP_AUX = dict(aux_loss_coeff=1e-2, aux_loss_scope="group")
+SEQ_AUX = dict(aux_loss_coeff=1e-2, aux_loss_scope="sequence", z_loss_coeff=1e-3)
 BIAS = dict(expert_bias=True, bias_update_speed=0.05, score_func="sigmoid")
 EXT = dict(tp=2, tp_extend_ep=True)
 TOL_AFTER_UPDATE_TP = 1e-3
@@ -47,6 +49,9 @@ COUNT_LAYOUTS = [dict(tp=2, ep=2), dict(EXT, ep=2)]
 SCENARIOS = [
     ("w2-tp2-etp-local-mla", 2, dict(tp=2, dispatcher="local"), AUX),
     ("w2-tp2-etp-local-gqa-zero1", 2, dict(tp=2, dispatcher="local", zero1=True), {**GQA, **AUX}),
+    # the embedding and head replicated (vocab_parallel: false), and a tied embedding split over the vocabulary
+    ("w2-tp2-etp-local-replicated-vocab", 2, dict(tp=2, dispatcher="local", vocab_parallel=False), AUX),
+    ("w2-tp2-extend-alltoall-tied", 2, dict(EXT, dispatcher="alltoall"), {**AUX, "tie_embeddings": True}),
     ("w2-tp2-extend-alltoall-mla-noqlora", 2, dict(EXT, dispatcher="alltoall"), {**AUX, "q_lora_rank": 0}),
     ("w4-tp2xdp2-etp-local-zero1", 4, dict(tp=2, dispatcher="local", zero1=True), {}),
     ("w4-tp2xep2-etp-alltoall", 4, dict(tp=2, ep=2, dispatcher="alltoall"), {}),
@@ -55,6 +60,19 @@ SCENARIOS = [
     ("w4-tp2xep2-extend-allgather-group-aux", 4, dict(EXT, ep=2, dispatcher="allgather"), GROUP_AUX),
     ("w4-tp2xep2-extend-hier-2x2-gqa", 4, dict(EXT, ep=2, dispatcher="hierarchical", devices_per_node=2), GQA),
     ("w4-tp2xdp2-extend-alltoall-bias", 4, dict(EXT, ep=1, dispatcher="alltoall"), BIAS),
+    # sequence parallelism: norms, residual and routing on S / tp positions per rank
+    ("w2-tp2-etp-local-sp", 2, dict(tp=2, dispatcher="local", sequence_parallel=True), AUX),
+    ("w2-tp2-extend-alltoall-sp-seq-aux-gqa", 2, dict(EXT, dispatcher="alltoall", sequence_parallel=True),
+     {**GQA, **SEQ_AUX}),
+    ("w4-tp2xep2-etp-alltoall-sp-zero1", 4, dict(tp=2, ep=2, dispatcher="alltoall", zero1=True, sequence_parallel=True),
+     SEQ_AUX),
+    ("w4-tp2xep2-extend-allgather-sp-group-aux", 4, dict(EXT, ep=2, dispatcher="allgather", sequence_parallel=True),
+     GROUP_AUX),
+    ("w4-tp2xep2-extend-hier-2x2-sp", 4, dict(EXT, ep=2, dispatcher="hierarchical", devices_per_node=2,
+                                              sequence_parallel=True), dict(z_loss_coeff=1e-3)),
+    ("w4-tp2xdp2-extend-alltoall-sp-bias", 4, dict(EXT, ep=1, dispatcher="alltoall", sequence_parallel=True), BIAS),
+    ("w4-tp2xdp2-etp-local-sp-bias-tied", 4, dict(tp=2, dispatcher="local", sequence_parallel=True),
+     {**BIAS, "tie_embeddings": True}),
     # tp outermost (parallel.rank_order): TP groups {0, 2} and {1, 3}, EP peers neighbours
     ("w4-tp2xep2-etp-alltoall-tp-outer-zero1", 4, dict(tp=2, ep=2, dispatcher="alltoall", zero1=True,
                                                        rank_order="dp-cp-tp"), GROUP_AUX),
@@ -105,6 +123,10 @@ def test_tp_matches_single_process(sid, world, par, model_overrides):
     attn = cfg.num_heads * (cfg.v_head_dim if cfg.attention == "mla" else cfg.head_dim)
     assert params["layers.0.attn.wo.weight"].shape == (cfg.hidden_size, attn // 2)
     assert params["layers.0.mlp.w1.weight"].shape == (cfg.dense_ffn_size // 2, cfg.hidden_size)
+    vocab = cfg.vocab_size // (1 if par.get("vocab_parallel") is False else 2)
+    assert params["embed.weight"].shape == (vocab, cfg.hidden_size)
+    if not cfg.tie_embeddings:
+        assert params["head.weight"].shape == (vocab, cfg.hidden_size)
     w1 = params["layers.1.mlp.experts.w1_EDF"]
     if par.get("tp_extend_ep"):
         assert w1.shape == (cfg.num_experts // (2 * par.get("ep", 1)), cfg.hidden_size, cfg.expert_ffn_size)
@@ -159,6 +181,8 @@ def test_tp_groups():
     (dict(tp=4), 4, dict(expert_ffn_size=18, num_shared_experts=0),
      "parallel.tp: model.expert_ffn_size=18 is not divisible by tp=4; choose tp among 1, 2, 3, 6, 9, 18, or set "
      "tp_extend_ep: true"),
+    (dict(tp=4), 4, dict(vocab_size=1002), "parallel.tp: model.vocab_size=1002 is not divisible by tp=4; choose tp "
+     "among 1, 2, 3, 6, 167, 334, 501, 1002, pad the vocabulary to a multiple of tp, or set vocab_parallel: false"),
     (dict(tp=2, ep=2), 2, dict(), "parallel.ep: ep = 2 does not divide the 2 ranks of a pipeline stage"),
     (dict(tp=2, ep=2, dispatcher="hierarchical"), 4, dict(), "parallel.dispatcher: 'hierarchical' needs contiguous EP"),
     (dict(pp=2, tp=2), 4, dict(num_layers=3), "parallel.pp: 3 layers (model.num_layers=3 + model.noop_layers=0) "
@@ -168,3 +192,7 @@ def test_bad_tp_layout_is_one_clear_error(par, world, model, message):
     with pytest.raises(ConfigError) as e:
         validate_layout(ParallelConfig(**par), ModelConfig(**model), world)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_replicated_vocabulary_needs_no_divisible_vocab_size():
+    validate_layout(ParallelConfig(tp=4, vocab_parallel=False), ModelConfig(vocab_size=1002), 4)

@@ -138,6 +138,10 @@ SCENARIOS = [
     ("pp2-ep2", 4, dict(pp=2, ep=2), {}),
     ("pp2-tp2", 4, dict(pp=2, tp=2), {}),
     ("pp2-tp2-tp-extend-ep", 4, dict(pp=2, tp=2, tp_extend_ep=True), {}),
+    # sequence parallelism: each chunk splits its input by position and gathers its output
+    ("pp2-tp2-sp", 4, dict(pp=2, tp=2, sequence_parallel=True), {}),
+    ("pp2-vpp2-tp2-extend-sp-tied", 4, dict(pp=2, vpp=2, tp=2, tp_extend_ep=True, sequence_parallel=True),
+     dict(tie_embeddings=True)),
     ("pp2-ep2-edp2-zero1-bias", 8, dict(pp=2, ep=2, zero1=True),
      dict(expert_bias=True, bias_update_speed=0.05)),
 ]

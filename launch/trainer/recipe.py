@@ -8,7 +8,7 @@ from typing import Literal
 
 from config import ConfigError, apply_overrides, from_dict, load_yaml
 from moe.config import ModelConfig, model_section
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, check_sequence_parallel
 from parallel.memory_config import MemoryConfig
 from parallel.placement_config import PlacementConfig
 
@@ -152,6 +152,7 @@ class Recipe:
                      -(-(self.model.num_layers + self.model.noop_layers) // (par.pp * par.vpp)))
         self.memory.check_model(self.model, per_stage)
         self.placement.check_recipe(self.parallel, self.model, self.memory)
+        check_sequence_parallel(self.parallel, self.model, self.train.seq_len)
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten seq_len or raise max_seq_len")

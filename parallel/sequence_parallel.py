@@ -1,0 +1,138 @@
+"""Sequence parallelism: with TP, the work outside the TP regions split over the TP group by tokens.
+
+Without it every TP rank holds the whole micro-batch outside the TP regions (residual stream,
+norms, router) and computes the same thing there. With `parallel.sequence_parallel`, inside the
+transformer layers of `model.layers`:
+
+- the residual stream and the norms hold this rank's S / tp positions of every sequence (TP rank r:
+  positions [r * S / tp, (r + 1) * S / tp); train.seq_len must divide by tp);
+- an attention region gathers its input along the sequence (`gather_sequence`: all-gather forward,
+  reduce-scatter backward) and reduce-scatters its output back to this rank's positions
+  (`scatter_sequence`: reduce-scatter forward, all-gather backward), Megatron's f and g;
+- a SwiGLU region (dense MLP, shared expert) does the same over rows (`gather_rows` /
+  `scatter_rows`): an MLP treats tokens one by one, so the gathered rows may come in rank order;
+- the MoE layer routes this rank's tokens: `token_reducer` (set on each router here) sums the
+  router's statistics over the TP group, so the balance losses, z-loss and expert-load counts are
+  those of the whole micro-batch, as without sequence parallelism; the dispatcher either gathers the
+  tokens over TP before the EP exchange (expert TP: each TP rank holds a slice of every expert) or
+  dispatches them as they are (TP-extend-EP: whole experts over the ep x tp ranks);
+- norm weights and the router see only this rank's tokens, so their gradients are partial sums over
+  TP (returned as `partial`, summed by the gradient reducer).
+
+Each pipeline chunk's `run_layers` splits its input and gathers its output (`split_sequence` /
+`join_sequence`: a slice forward, an all-gather in backward, and the reverse), so the embedding, the
+pipeline's P2P, the head and the MTP modules see whole sequences. MTP blocks keep the plain TP
+regions (their S - depth positions do not split evenly over the ranks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parallel import comm
+from parallel.method_wrap import wrap_outer
+from parallel.tp_comm import _gather_rows, _own_rows, reduce_from_tp
+
+
+def _rows_of(x: Tensor, group) -> list[int]:
+    return [x.shape[0]] * dist.get_world_size(group)  # every rank holds the same shape (even split)
+
+
+def gather_rows(x: Tensor, group) -> Tensor:
+    """Every TP rank's rows concatenated (dim 0); backward: reduce-scatter of the partial gradients."""
+    return comm.all_gather(x, _rows_of(x, group), group)
+
+
+def scatter_rows(x: Tensor, group) -> Tensor:
+    """This rank's block of rows, summed over the TP ranks' partial values; backward: all-gather."""
+    n = dist.get_world_size(group)
+    return comm.reduce_scatter(x, [x.shape[0] // n] * n, group)
+
+
+def gather_sequence(x_BSD: Tensor, group) -> Tensor:
+    """[B, S / tp, D] on each rank -> [B, S, D] (positions in rank order); backward reduce-scatters."""
+    return gather_rows(x_BSD.transpose(0, 1), group).transpose(0, 1)
+
+
+def scatter_sequence(x_BSD: Tensor, group) -> Tensor:
+    """[B, S, D] partial sums -> this rank's [B, S / tp, D] of their sum; backward all-gathers."""
+    return scatter_rows(x_BSD.transpose(0, 1), group).transpose(0, 1)
+
+
+class _Split(torch.autograd.Function):
+    """This rank's positions of a tensor every TP rank holds whole; backward all-gathers them."""
+
+    @staticmethod
+    def forward(ctx, x_BSD, group):
+        ctx.group = group
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        ctx.sizes = [x_BSD.shape[1] // n] * n
+        return _own_rows(x_BSD.transpose(0, 1), ctx.sizes, r).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_rows(grad.transpose(0, 1), ctx.sizes, ctx.group).transpose(0, 1), None
+
+
+class _Join(torch.autograd.Function):
+    """The whole sequences from every rank's positions; backward keeps this rank's positions (the
+    gradient of what follows is the same on every TP rank)."""
+
+    @staticmethod
+    def forward(ctx, x_BSD, group):
+        n = dist.get_world_size(group)
+        ctx.sizes, ctx.rank = [x_BSD.shape[1]] * n, dist.get_rank(group)
+        return _gather_rows(x_BSD.transpose(0, 1), ctx.sizes, group).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_rows(grad.transpose(0, 1), ctx.sizes, ctx.rank).transpose(0, 1).contiguous(), None
+
+
+def split_sequence(x_BSD: Tensor, group) -> Tensor:
+    return _Split.apply(x_BSD, group)
+
+
+def join_sequence(x_BSD: Tensor, group) -> Tensor:
+    return _Join.apply(x_BSD, group)
+
+
+def token_reducer(group):
+    """The routers' `token_reducer`: sums a statistic over the TP group. Differentiable with the
+    identity backward (every rank computes the same loss from the sum, so the gradient arriving at
+    this rank's share is already the whole one)."""
+    def reduce(t: Tensor) -> Tensor:
+        if t.requires_grad:
+            return reduce_from_tp(t, group)
+        t = t.clone()
+        comm.links.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+    return reduce
+
+
+def apply_sequence_parallel(model: nn.Module, group) -> list[str]:
+    """Split the layers of `model` (a whole model or this rank's pipeline stages) by sequence as the
+    module docstring says; the TP regions must be installed already (apply_tensor_parallel with
+    sequence_parallel=True). Returns the parameters whose gradients become partial over TP."""
+    from moe.block import TransformerBlock
+    from moe.layer import MoELayer
+    from moe.layers import RMSNorm
+    from moe.model import ModelParts
+
+    partial = []
+    for name, module in model.named_modules():
+        if not name.startswith("layers."):
+            continue
+        if isinstance(module, TransformerBlock):
+            for child, sub in module.named_children():
+                if isinstance(sub, RMSNorm):
+                    partial.append(f"{name}.{child}.weight")
+        if isinstance(module, MoELayer):
+            module.router.token_reducer = token_reducer(group)
+            partial.append(f"{name}.router.weight")
+    for part in [*model.modules(), *getattr(model, "chunks", [])]:
+        if isinstance(part, ModelParts):
+            wrap_outer(part, "run_layers", lambda inner, layers, h, *rest: join_sequence(
+                inner(layers, split_sequence(h, group), *rest), group))
+    return partial
