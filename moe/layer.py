@@ -7,6 +7,12 @@ expert's activation and down-projection (overlap the return) -> wait -> add the 
 The order is also what hides the exchanges in backward: autograd runs the newest ready node first,
 so each half of the shared expert, computed between an exchange's start and its wait, runs its
 backward while that exchange's gradient is in flight (parallel/comm.py).
+
+`dispatch_unit = True` (set by parallel/recompute.py's `moe_permute`) computes the same numbers in
+another order: the dispatch, its exchange and the routed experts' up-projections as one call,
+`dispatch_up`, that can be recomputed as a unit, then the whole shared expert between the
+combine's start and its wait. The dispatch exchange then hides nothing (forward, backward, nor its
+recomputation).
 """
 from __future__ import annotations
 
@@ -36,9 +42,13 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(w, std=0.02)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return self.act_down(*self.up(x_ND, tokens_per_expert), tokens_per_expert)
+
+    def up(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two up-projections (the grouped GEMMs that save the permuted tokens)."""
         gmm = self.kernels.grouped_mm
         w1, w3 = (w.to(x_ND.dtype) for w in (self.w1_EDF, self.w3_EDF))
-        return self.act_down(gmm(x_ND, w1, tokens_per_expert), gmm(x_ND, w3, tokens_per_expert), tokens_per_expert)
+        return gmm(x_ND, w1, tokens_per_expert), gmm(x_ND, w3, tokens_per_expert)
 
     def act_down(self, a_NF: torch.Tensor, b_NF: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """The activation and down-projection: a unit that parallel/memory.py may recompute."""
@@ -55,6 +65,7 @@ class MoELayer(nn.Module):
         self.shared = (SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.expert_ffn_size)
                        if cfg.num_shared_experts > 0 else None)
         self.dispatcher = LocalDispatcher(kernels, cfg.num_experts)
+        self.dispatch_unit = False  # compute dispatch + exchange + up-projections as one call (docstring)
         # Last forward's kept assignments per expert (metrics: load imbalance).
         self.register_buffer("last_load", torch.zeros(cfg.num_experts), persistent=False)
 
@@ -67,13 +78,40 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(b * s, d)
         routing = self.router(x_TD, seq_len=s)
         self.last_load = routing.tokens_per_expert_E.detach().float()
-        pending = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK, routing.weights_TK)
+        if self.dispatch_unit:
+            routed_TD, shared_TD = self._experts_as_unit(x_TD, routing.expert_idx_TK, routing.weights_TK)
+        else:
+            routed_TD, shared_TD = self._experts_overlapped(x_TD, routing.expert_idx_TK, routing.weights_TK)
+        out_TD = routed_TD.to(x_BSD.dtype)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD
+        return out_TD.view(b, s, d), {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss}
+
+    def _experts_overlapped(self, x_TD, expert_idx_TK, weights_TK) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(routed experts' combined output, shared expert's output), each half of the shared
+        expert between an exchange's start and its wait."""
+        pending = self.dispatcher.dispatch(x_TD, expert_idx_TK, weights_TK)
         gate_up = self.shared.gate_up(x_TD) if self.shared is not None else None
         x_ND, tokens_per_expert = pending.wait()
         y_ND = self.experts(x_ND, tokens_per_expert)
         combining = self.dispatcher.combine_start(y_ND, pending)
-        shared_TD: Optional[torch.Tensor] = self.shared.act_down(*gate_up) if gate_up is not None else None
-        out_TD = combining.wait().to(x_BSD.dtype)
-        if shared_TD is not None:
-            out_TD = out_TD + shared_TD
-        return out_TD.view(b, s, d), {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss}
+        shared_TD = self.shared.act_down(*gate_up) if gate_up is not None else None
+        return combining.wait(), shared_TD
+
+    def _experts_as_unit(self, x_TD, expert_idx_TK, weights_TK) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The same outputs with dispatch, exchange and up-projections in one call (`dispatch_up`)
+        and the whole shared expert between the combine's start and its wait."""
+        pending, a_NF, b_NF, tokens_per_expert = self.dispatch_up(x_TD, expert_idx_TK, weights_TK)
+        y_ND = self.experts.act_down(a_NF, b_NF, tokens_per_expert)
+        combining = self.dispatcher.combine_start(y_ND, pending)
+        shared_TD = self.shared.act_down(*self.shared.gate_up(x_TD)) if self.shared is not None else None
+        return combining.wait(), shared_TD
+
+    def dispatch_up(self, x_TD, expert_idx_TK, weights_TK) -> tuple:
+        """Dispatch (permute, exchange, wait) and the routed experts' up-projections: (the pending
+        dispatch that combine needs, both up-projection outputs, tokens per local expert). A unit
+        parallel/recompute.py may recompute: the permuted tokens are saved only inside it."""
+        pending = self.dispatcher.dispatch(x_TD, expert_idx_TK, weights_TK)
+        x_ND, tokens_per_expert = pending.wait()
+        a_NF, b_NF = self.experts.up(x_ND, tokens_per_expert)
+        return pending, a_NF, b_NF, tokens_per_expert

@@ -11,6 +11,12 @@ Module kinds and the region each one recomputes (torch.utils.checkpoint over tha
   (the attention kernel would keep them otherwise, so this region includes the core attention)
 - `core_attention`: the attention kernel alone (keeps q, k, v, drops its internals)
 - `expert_ffn`: the routed experts' grouped FFN (keeps only the permuted tokens)
+- `moe_permute`: the dispatch (local permute and, under expert parallelism, the token exchange)
+  and the routed experts' up-projections: drops the permuted tokens (the grouped GEMM's input,
+  top_k * hidden per token), keeps the routing and the up-projection outputs; backward re-runs
+  the dispatch, its exchange and the two up-projection GEMMs. The dispatch exchange then
+  overlaps nothing (the shared expert moves behind the combine, moe/layer.py). Not with
+  `expert_ffn` (the regions overlap)
 - `layer`: the whole transformer block (keeps only its input); `full_layers: N` does this for the
   first N layers of each pipeline stage only
 
@@ -28,17 +34,17 @@ from config import ConfigError
 if TYPE_CHECKING:
     from moe.config import ModelConfig
 
-RecomputeKind = Literal["norm", "swiglu", "mla_up", "core_attention", "expert_ffn", "layer"]
+RecomputeKind = Literal["norm", "swiglu", "mla_up", "core_attention", "expert_ffn", "moe_permute", "layer"]
 SwapKind = Literal["attention", "core_attention", "expert_ffn", "mlp"]
 RECOMPUTE_KINDS: tuple[str, ...] = get_args(RecomputeKind)
 SWAP_KINDS: tuple[str, ...] = get_args(SwapKind)
 
-# Swap region -> the recompute kinds whose region contains it: tensors saved there are dropped by
+# Swap region -> the recompute kinds whose region contains (or overlaps) it: tensors saved there are dropped by
 # that recompute, so swapping them too is contradictory (and would fight checkpoint's own hooks).
 _SWAP_INSIDE = {
     "attention": ("layer",),
     "core_attention": ("layer", "core_attention", "mla_up"),
-    "expert_ffn": ("layer", "expert_ffn"),
+    "expert_ffn": ("layer", "expert_ffn", "moe_permute"),
     "mlp": ("layer",),
 }
 
@@ -67,6 +73,9 @@ class MemoryConfig:
                     raise ConfigError(f"{p}{name}: unknown module kind {k!r}; allowed: {', '.join(allowed)}")
         if self.full_layers < 0:
             raise ConfigError(f"{p}full_layers: must be >= 0 (layers per stage recomputed whole), got {self.full_layers}")
+        if "moe_permute" in self.recompute and "expert_ffn" in self.recompute:
+            raise ConfigError(f"{p}recompute: 'moe_permute' and 'expert_ffn' both recompute the experts' "
+                              "up-projections (overlapping regions); keep one of them")
         for k in self.swap:
             clash = [r for r in _SWAP_INSIDE[k] if r in self.recompute]
             if clash:
@@ -88,9 +97,10 @@ class MemoryConfig:
             raise ConfigError(f"{p}recompute: 'mla_up' needs model.attention: mla (got {model.attention!r}); "
                               "use 'core_attention' instead")
         for name, kinds in (("recompute", self.recompute), ("swap", self.swap)):
-            if "expert_ffn" in kinds and model.num_moe_layers == 0:
-                raise ConfigError(f"{p}{name}: 'expert_ffn' needs MoE layers, but model.first_k_dense covers "
-                                  "every layer; remove it")
+            for k in ("expert_ffn", "moe_permute"):
+                if k in kinds and model.num_moe_layers == 0:
+                    raise ConfigError(f"{p}{name}: {k!r} needs MoE layers, but model.first_k_dense covers "
+                                      "every layer; remove it")
         if self.full_layers > layers_per_stage:
             raise ConfigError(f"{p}full_layers: {self.full_layers} exceeds the {layers_per_stage} layers of a "
                               f"pipeline stage; use at most {layers_per_stage}")

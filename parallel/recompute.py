@@ -11,6 +11,14 @@ Recomputing a region that holds a router re-runs it in backward; its aux-loss-fr
 expert parallelism a recomputed layer re-runs the dispatch exchange, as MindSpeed's
 recompute-everything levels do; every rank recomputes the same layers in the same order, so the
 collectives match.
+
+`moe_permute` recomputes `MoELayer.dispatch_up` (local permute, the dispatch exchange under EP,
+the routed experts' up-projections) and switches the layer to the order that calls it as one unit
+(moe/layer.py: the dispatch exchange then overlaps nothing; the whole shared expert is computed
+inside the combine). Backward re-runs the dispatch, its exchange and the two up-projection GEMMs
+(checkpoint re-runs the region whole), never the router, when the up-projections' backward first
+needs the permuted tokens: at the same point of the graph on every rank, so the re-run exchanges
+match. The exchange counts its bytes again then (it does run twice).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe.attention import GQA, MLA
 from moe.block import TransformerBlock
-from moe.layer import GroupedExperts
+from moe.layer import GroupedExperts, MoELayer
 from moe.layers import RMSNorm, SwiGLU
 from moe.router import Router
 from parallel.method_wrap import innermost, wrap_inner
@@ -34,8 +42,11 @@ RECOMPUTE_TARGETS = {
     "mla_up": ((MLA, "up_attend"),),
     "core_attention": ((MLA, "core_attention"), (GQA, "core_attention")),
     "expert_ffn": ((GroupedExperts, "forward"),),
+    "moe_permute": ((MoELayer, "dispatch_up"),),
     "layer": ((TransformerBlock, "forward"),),
 }
+# Regions of a module holding a router that do not run it (no token counts to restore).
+WITHOUT_ROUTER = {(MoELayer, "dispatch_up")}
 
 
 def checkpointed(module: nn.Module, method: str) -> None:
@@ -44,7 +55,8 @@ def checkpointed(module: nn.Module, method: str) -> None:
     fn = innermost(module, method)
     if getattr(fn, "_recomputed", False):
         return
-    routers = [m for m in module.modules() if isinstance(m, Router)]
+    runs_router = not any(isinstance(module, cls) and method == name for cls, name in WITHOUT_ROUTER)
+    routers = [m for m in module.modules() if isinstance(m, Router)] if runs_router else []
 
     @functools.wraps(fn)
     def run(*args):
@@ -91,4 +103,6 @@ def apply_recompute(model: nn.Module, kinds: list[str], full_layers: int = 0) ->
             for m in model.modules():
                 if isinstance(m, cls) and id(m) not in whole:
                     checkpointed(m, method)
+                    if kind == "moe_permute":  # the layer must call dispatch_up (its default order does not)
+                        m.dispatch_unit = True
     return whole

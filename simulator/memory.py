@@ -153,8 +153,8 @@ def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float, sp: Optiona
     out += [Saved("moe_normed", D / sp),  # the router's input (and the shared expert's: swapped as a copy)
             Saved("router_scores", cfg.num_experts / sp, 4), Saved("router_topk", k / sp, 8),
             Saved("router_weights", k / sp, 4),
-            Saved("permute_index", k * home, 8),  # token of each expert row (the gather's index)
-            Saved("expert_in", copies * D, None, (), E)]  # the grouped GEMM's input: expert_ffn keeps it
+            Saved("permute_index", k * home, 8),  # token of each expert row (the gather's index; the unpermute's too)
+            Saved("expert_in", copies * D, None, ("moe_permute",), E)]  # the grouped GEMM's input (expert_ffn keeps it)
     out += swiglu_saved("experts", cfg.expert_ffn_size / etp, copies, fused, E, E)
     out += [Saved("expert_out", k * home * D),  # rows back home, saved by the weighted unpermute
             Saved("unpermute_index", k * home, 8), Saved("unpermute_weights", k * home, 4)]

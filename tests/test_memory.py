@@ -79,10 +79,11 @@ def assert_bitwise(got: dict, ref: dict) -> None:
 @pytest.mark.parametrize("cfg", [
     MemoryConfig(recompute=["norm"]), MemoryConfig(recompute=["swiglu"]), MemoryConfig(recompute=["mla_up"]),
     MemoryConfig(recompute=["core_attention"]), MemoryConfig(recompute=["expert_ffn"]),
-    MemoryConfig(recompute=["layer"]), MemoryConfig(full_layers=2),
+    MemoryConfig(recompute=["moe_permute"]), MemoryConfig(recompute=["layer"]), MemoryConfig(full_layers=2),
     MemoryConfig(recompute=["norm", "swiglu", "mla_up", "core_attention", "expert_ffn"]),
     MemoryConfig(swap=SWAP_ALL), MemoryConfig(swap=["core_attention"], recompute=["norm", "swiglu"]),
     MemoryConfig(recompute=SELECTIVE, swap=SWAP_ALL, full_layers=1),
+    MemoryConfig(recompute=SELECTIVE + ["moe_permute"], swap=["attention", "mlp"], full_layers=1),
 ], ids=lambda c: "+".join(c.recompute + [f"full{c.full_layers}"] * bool(c.full_layers) + [f"swap-{s}" for s in c.swap]))
 def test_policy_gives_bitwise_the_policy_free_run(cfg):
     got = train(cfg)
@@ -100,6 +101,36 @@ def test_selective_recompute_and_swap_save_70_percent_of_activation_bytes():
     assert saved >= 0.70, f"saved only {saved:.1%} of the activation bytes at peak"
     # what was swapped is no longer counted on the device, and was really copied
     assert 0 < m["mem_swapped_bytes"] < base["mem_saved_activation_peak_bytes"]
+
+
+def test_moe_permute_drops_exactly_the_permuted_tokens():
+    """The grouped GEMM's input (top_k rows of hidden_size per token, fp32, in each MoE layer and
+    the MTP block's) is neither saved nor alive between forward and backward; nothing else moves
+    by more than the region's few routing inputs (checkpoint keeps them)."""
+    import gc
+    import weakref
+    for cfg, alive in ((MemoryConfig(), True), (MemoryConfig(recompute=["moe_permute"]), False)):
+        torch.manual_seed(0)
+        model = MoETransformer(ModelConfig(**PANGU), get_kernels("fast"))
+        mm = MemoryManager(model, cfg)
+        refs = []
+        for m in model.moe_layers():
+            def up(x_ND, counts, inner=m.experts.up):
+                refs.append(weakref.ref(x_ND))
+                return inner(x_ND, counts)
+            m.experts.up = up
+        tokens = torch.randint(0, PANGU["vocab_size"], (2, 33), generator=torch.Generator().manual_seed(1))
+        with mm.step(model):
+            res = model(tokens[:, :-1], tokens[:, 1:])
+            gc.collect()
+            assert len(refs) == 3 and all((r() is not None) == alive for r in refs), (cfg.recompute, refs)
+            res.loss.backward()
+        if alive:
+            base = mm.tracker.peak
+    n_moe = PANGU["num_layers"] - PANGU["first_k_dense"] + PANGU["mtp_layers"]
+    expected = n_moe * 2 * 32 * PANGU["top_k"] * PANGU["hidden_size"] * 4
+    dropped = base - mm.tracker.peak
+    assert abs(dropped - expected) <= 0.05 * expected, (dropped, expected)
 
 
 def test_measured_state_bytes():
@@ -126,6 +157,12 @@ def test_gqa_core_attention_recompute_and_swap():
     ({"memory.swap": ["expert_ffn"], "memory.recompute": ["expert_ffn"]},
      "memory.swap: 'expert_ffn' swaps tensors that recompute 'expert_ffn' already drops"),
     ({"memory.swap": ["mlp"], "memory.recompute": ["layer"]}, "memory.swap: 'mlp' swaps tensors that recompute 'layer'"),
+    ({"memory.swap": ["expert_ffn"], "memory.recompute": ["moe_permute"]},
+     "memory.swap: 'expert_ffn' swaps tensors that recompute 'moe_permute' already drops"),
+    ({"memory.recompute": ["expert_ffn", "moe_permute"]},
+     "memory.recompute: 'moe_permute' and 'expert_ffn' both recompute the experts' up-projections"),
+    ({"memory.recompute": ["moe_permute"], "model.first_k_dense": 4, "model.mtp_layers": 0},
+     "memory.recompute: 'moe_permute' needs MoE layers"),
     ({"memory.swap": ["attention"], "memory.full_layers": 4}, "memory.swap: every layer is recomputed whole"),
     ({"memory.full_layers": 5}, "memory.full_layers: 5 exceeds the 4 layers of a pipeline stage"),
     ({"memory.full_layers": -1}, "memory.full_layers: must be >= 0"),

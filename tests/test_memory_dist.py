@@ -1,8 +1,9 @@
 """Memory policies under parallelism and in the trainer (issue 12): on 2 gloo ranks with expert
 parallelism (ep2, all-to-all), with ZeRO-1 (dp2) and with tp2 under sequence parallelism (expert TP,
-TP-extend-EP), recompute, swap and optimizer offload give
-the policy-free run's losses and parameters bitwise (a recomputed MoE layer re-runs its token
-exchange in backward); the optimizer offload with torch's AdamW matches the on-device optimizer;
+TP-extend-EP), recompute, swap and optimizer offload give the policy-free run's losses and parameters
+bitwise (a recomputed MoE layer, or a recomputed dispatch under `moe_permute`, re-runs its token
+exchange in backward; `moe_permute` also under the all-gather and hierarchical dispatchers); the
+optimizer offload with torch's AdamW matches the on-device optimizer;
 the trainer applies a recipe's memory section and logs the measured bytes in metrics.jsonl."""
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ POLICIES = {
     "selective+swap": MemoryConfig(**SELECTIVE),
     "layer": MemoryConfig(recompute=["layer"]),
     "expert_ffn+full1+swap-attn": MemoryConfig(recompute=["expert_ffn"], full_layers=1, swap=["attention"]),
+    "moe_permute": MemoryConfig(recompute=["moe_permute"]),
     "offload": MemoryConfig(optimizer_offload=True, offload_chunk_mb=0.01),
     "offload+selective+swap": MemoryConfig(optimizer_offload=True, **SELECTIVE),
 }
@@ -66,9 +68,34 @@ def _worker(layouts: dict, policies: dict) -> dict:
     return out
 
 
+# moe_permute under the other EP dispatchers (the all-to-all one is in LAYOUTS): each re-runs its own
+# exchanges in backward (all-gather: tokens, routing and weights; hierarchical: inter-node all-to-all
+# then the intra-node one), with overlap on (the default) so the re-run exchanges are asynchronous;
+# and under the two TP wrappers of a dispatcher (expert TP; TP-extend-EP, which splits the tokens).
+PERMUTE_LAYOUTS = {"ep2-allgather": dict(ep=2, dispatcher="allgather"),
+                   "ep2-hier-2x1": dict(ep=2, dispatcher="hierarchical", devices_per_node=1),
+                   "tp2-expert-tp": dict(tp=2, dispatcher="local"),
+                   "tp2-extend-ep": dict(tp=2, tp_extend_ep=True, dispatcher="alltoall")}
+PERMUTE_POLICIES = {"none": MemoryConfig(), "moe_permute": MemoryConfig(recompute=["moe_permute"])}
+
+
 @functools.lru_cache(maxsize=None)
 def results() -> list:
     return run_distributed(_worker, 2, LAYOUTS, POLICIES, timeout=240)
+
+
+@functools.lru_cache(maxsize=None)
+def permute_results() -> list:
+    return run_distributed(_worker, 2, PERMUTE_LAYOUTS, PERMUTE_POLICIES, timeout=240)
+
+
+def assert_same_run(got: dict, ref: dict, what: str) -> None:
+    for step, (a, b) in enumerate(zip(got["loss"], ref["loss"])):
+        assert torch.equal(a, b), f"{what} step {step}: loss {a} vs {b}"
+    for name, p in ref["params"].items():
+        assert torch.equal(got["params"][name], p), f"{what}: {name}"
+    for a, b in zip(got["bias"], ref["bias"]):
+        assert torch.equal(a, b), f"{what}: expert bias"
 
 
 @pytest.mark.timeout(300)
@@ -80,12 +107,7 @@ def test_policies_match_the_policy_free_run_bitwise_under_ep_and_zero1(layout):
             if pname == "none":
                 continue
             got = res[(layout, pname)]
-            for step, (a, b) in enumerate(zip(got["loss"], ref["loss"])):
-                assert torch.equal(a, b), f"rank {rank} {layout} {pname} step {step}: loss {a} vs {b}"
-            for name, p in ref["params"].items():
-                assert torch.equal(got["params"][name], p), f"rank {rank} {layout} {pname}: {name}"
-            for a, b in zip(got["bias"], ref["bias"]):
-                assert torch.equal(a, b), f"rank {rank} {layout} {pname}: expert bias"
+            assert_same_run(got, ref, f"rank {rank} {layout} {pname}")
             m = got["metrics"]
             if POLICIES[pname].optimizer_offload:  # the state left the device, this rank's shard only under ZeRO-1
                 assert m["mem_optimizer_device_bytes"] == 0 and m["mem_optimizer_host_bytes"] > 0
@@ -96,6 +118,15 @@ def test_policies_match_the_policy_free_run_bitwise_under_ep_and_zero1(layout):
         full = r0[("ep2", "offload")]["metrics"]["mem_optimizer_host_bytes"]
         shard = r0[("ep2-zero1", "offload")]["metrics"]["mem_optimizer_host_bytes"]
         assert shard < 0.8 * full
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", list(PERMUTE_LAYOUTS))
+def test_moe_permute_matches_the_policy_free_run_bitwise_under_every_dispatcher(layout):
+    for rank, res in enumerate(permute_results()):
+        ref, got = res[(layout, "none")], res[(layout, "moe_permute")]
+        assert_same_run(got, ref, f"rank {rank} {layout} moe_permute")
+        assert got["metrics"]["mem_saved_activation_peak_bytes"] < ref["metrics"]["mem_saved_activation_peak_bytes"]
 
 
 def test_host_optimizer_matches_the_device_optimizer_bf16_autocast():

@@ -36,7 +36,7 @@ def measure_in_process(c: MemoryCase, tmp: Path, steps: int = 2) -> list[list[di
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", ["mem-selective-swap", "mem-expert-ffn-full1-swap", "mem-offload"])
+@pytest.mark.parametrize("name", ["mem-selective-swap", "mem-expert-ffn-full1-swap", "mem-moe-permute", "mem-offload"])
 def test_predicted_memory_within_ten_percent(name, tmp_path):
     c = CASES[name]
     meas = measured_memory(measure_in_process(c, tmp_path))
@@ -58,7 +58,7 @@ def test_prediction_follows_the_policy_kind_by_kind():
     model = load_validate_config().model
     base = CASES["mem-none"]
     none = predict_memory(model, hw, base)
-    for kind in ("norm", "swiglu", "mla_up", "core_attention", "expert_ffn"):
+    for kind in ("norm", "swiglu", "mla_up", "core_attention", "expert_ffn", "moe_permute"):
         p = predict_memory(model, hw, replace(base, memory=MemoryConfig(recompute=[kind])))
         assert p["activations"] < none["activations"], kind
     sel = predict_memory(model, hw, replace(base, memory=MemoryConfig(recompute=["norm"])))
