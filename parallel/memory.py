@@ -52,6 +52,8 @@ class _Held:
 
 
 class SavedTracker:
+    active: "SavedTracker | None" = None  # the tracker counting this step, if any
+
     def __init__(self):
         self.static: set[int] = set()
         self._refs: dict[int, list] = {}  # storage pointer -> [handles alive, bytes]
@@ -90,8 +92,14 @@ class SavedTracker:
             del self._refs[key]
             self.live -= ref[1]
 
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        SavedTracker.active = self  # for saved-tensor hooks nested inside (sequence_parallel.py)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            SavedTracker.active = None
 
 
 def _bytes(tensors) -> int:

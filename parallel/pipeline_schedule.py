@@ -39,12 +39,15 @@ def _last_stage_loss(output: torch.Tensor, _target) -> torch.Tensor:
 
 class PipelineRunner:
     def __init__(self, model: PipelineModel, pp_group, micro_batches: int, micro_batch_size: int,
-                 seq_len: int, device: str = "cpu"):
+                 seq_len: int, device: str = "cpu", seq_shards: int = 1):
+        """`seq_shards`: sequence parallelism splits the activations between stages over that many
+        TP ranks (each sends its positions to the same TP rank of the next stage)."""
         self.model, self.group, self.m = model, pp_group, micro_batches
+        self.seq_shards = seq_shards
         self.device = torch.device(device)
         cfg, plan = model.cfg, model.plan
-        act = (micro_batch_size, seq_len, cfg.hidden_size)
-        self.act_bytes = micro_batch_size * seq_len * cfg.hidden_size * 4  # fp32 activations
+        act = (micro_batch_size, seq_len // seq_shards, cfg.hidden_size)
+        self.act_bytes = micro_batch_size * seq_len // seq_shards * cfg.hidden_size * 4  # fp32 activations
         self.stages = []
         for chunk in model.chunks:
             inp = (torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device=device) if chunk.is_first
@@ -164,7 +167,7 @@ class PipelineRunner:
         model, group = self.model, self.group
         plan = model.plan
         tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-        shape = (*tokens.shape, model.cfg.hidden_size)
+        shape = (tokens.shape[0], tokens.shape[1] // self.seq_shards, model.cfg.hidden_size)
         lm = torch.zeros((), dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=device)
         for chunk in model.chunks:
             s = chunk.stage

@@ -123,8 +123,9 @@ class ParallelRuntime:
         if isinstance(model, PipelineModel):
             from parallel.pipeline_schedule import PipelineRunner
             emulated_links.patch_pipeline_p2p()
+            sp = self.layout.tp if self.cfg.sequence_parallel else 1
             self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
-                                         seq_len, self.device)
+                                         seq_len, self.device, seq_shards=sp)
 
     @property
     def forward_backward(self):

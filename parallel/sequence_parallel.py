@@ -19,10 +19,14 @@ transformer layers of `model.layers`:
 - norm weights and the router see only this rank's tokens, so their gradients are partial sums over
   TP (returned as `partial`, summed by the gradient reducer).
 
-Each pipeline chunk's `run_layers` splits its input and gathers its output (`split_sequence` /
-`join_sequence`: a slice forward, an all-gather in backward, and the reverse), so the embedding, the
-pipeline's P2P, the head and the MTP modules see whole sequences. MTP blocks keep the plain TP
-regions (their S - depth positions do not split evenly over the ranks).
+The first pipeline stage splits the embeddings by position and the last joins the hidden states
+(`split_sequence` / `join_sequence`: a slice forward, an all-gather in backward, and the reverse),
+so the embedding, the head and the MTP modules see whole sequences, and the stages in between send
+each other their positions only (parallel/pipeline_schedule.py `seq_shards`). MTP blocks keep the
+plain TP regions (their S - depth positions do not split evenly over the ranks).
+
+A TP region's input projections save this rank's part of the gathered input and all-gather it
+again in backward (`_Regather`), so the gathered activations are not kept either.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def scatter_rows(x: Tensor, group) -> Tensor:
 
 def gather_sequence(x_BSD: Tensor, group) -> Tensor:
     """[B, S / tp, D] on each rank -> [B, S, D] (positions in rank order); backward reduce-scatters."""
-    return gather_rows(x_BSD.transpose(0, 1), group).transpose(0, 1)
+    return gather_rows(x_BSD.transpose(0, 1), group).transpose(0, 1).contiguous()
 
 
 def scatter_sequence(x_BSD: Tensor, group) -> Tensor:
@@ -98,6 +102,86 @@ def join_sequence(x_BSD: Tensor, group) -> Tensor:
     return _Join.apply(x_BSD, group)
 
 
+class _Regather:
+    """A TP region's gathered input as its input projections save it for backward: only this
+    rank's part is kept (and counted by the step's memory tracker); the first projection whose
+    backward needs it all-gathers it again, and the others reuse that copy (Megatron keeps the
+    sequence-parallel inputs of its column-parallel layers the same way)."""
+
+    __slots__ = ("part", "regather", "full", "held")
+
+    def __init__(self, part: Tensor, regather):
+        from parallel.memory import SavedTracker
+        self.part, self.regather, self.full = part, regather, None
+        tracker = SavedTracker.active
+        self.held = tracker.pack(part) if tracker is not None else None
+
+    def get(self) -> Tensor:
+        if self.full is None:
+            with torch.no_grad():
+                self.full = self.regather(self.part)
+        return self.full
+
+
+class _RegionInput:
+    """Per TP region under sequence parallelism: gathers its input (`enter`) and keeps the gathered
+    tensor out of the saved activations of its input projections (`projection`)."""
+
+    def __init__(self, group, along_sequence: bool):
+        self.group, self.along_sequence = group, along_sequence
+        self.current: dict[int, _Regather] = {}  # storage of this forward's gathered input -> its part
+
+    def _regather(self, part: Tensor) -> Tensor:
+        sizes = [part.shape[1 if self.along_sequence else 0]] * dist.get_world_size(self.group)
+        if self.along_sequence:
+            return _gather_rows(part.transpose(0, 1), sizes, self.group).transpose(0, 1).contiguous()
+        return _gather_rows(part, sizes, self.group)
+
+    def enter(self, x: Tensor) -> Tensor:
+        full = (gather_sequence if self.along_sequence else gather_rows)(x, self.group)
+        self.current = {full.untyped_storage().data_ptr(): _Regather(x.detach(), self._regather)}
+        return full
+
+    def leave(self) -> None:
+        self.current = {}
+
+    def _pack(self, t: Tensor):
+        ref = self.current.get(t.untyped_storage().data_ptr())
+        if ref is None:
+            return t
+        return ref, t.size(), t.stride(), t.storage_offset()
+
+    @staticmethod
+    def _unpack(h):
+        if isinstance(h, Tensor):
+            return h
+        ref, size, stride, offset = h
+        return ref.get().as_strided(size, stride, offset)
+
+    def projection(self, inner, x: Tensor) -> Tensor:
+        """An input projection's forward (a Linear of the region's gathered input)."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return inner(x)
+
+
+def region_input(module: nn.Module, group, along_sequence: bool) -> _RegionInput:
+    """The sequence-parallel input of TP region `module`, with its input projections wrapped."""
+    from moe.attention import GQA, MLA
+    from moe.layers import SwiGLU
+    region = _RegionInput(group, along_sequence)
+    if isinstance(module, MLA):
+        names = ["wq_a" if module.cfg.q_lora_rank > 0 else "wq", "wkv_a"]
+    elif isinstance(module, GQA):
+        names = ["wq", "wk", "wv"]
+    elif isinstance(module, SwiGLU):
+        names = ["w1", "w3"]
+    else:
+        raise TypeError(f"no sequence-parallel input projections for {type(module).__name__}")
+    for name in names:
+        wrap_outer(getattr(module, name), "forward", region.projection)
+    return region
+
+
 def token_reducer(group):
     """The routers' `token_reducer`: sums a statistic over the TP group. Differentiable with the
     identity backward (every rank computes the same loss from the sum, so the gradient arriving at
@@ -133,6 +217,15 @@ def apply_sequence_parallel(model: nn.Module, group) -> list[str]:
             partial.append(f"{name}.router.weight")
     for part in [*model.modules(), *getattr(model, "chunks", [])]:
         if isinstance(part, ModelParts):
-            wrap_outer(part, "run_layers", lambda inner, layers, h, *rest: join_sequence(
-                inner(layers, split_sequence(h, group), *rest), group))
+            wrap_outer(part, "run_layers", _chunk_ends(getattr(part, "is_first", True), getattr(part, "is_last", True),
+                                                       group))
     return partial
+
+
+def _chunk_ends(first: bool, last: bool, group):
+    """run_layers of one model part: the first stage splits the embeddings by position, the last
+    joins the hidden states for the head; stages between send and receive their positions only."""
+    def run(inner, layers, h, *rest):
+        h = inner(layers, split_sequence(h, group) if first else h, *rest)
+        return join_sequence(h, group) if last else h
+    return run

@@ -34,8 +34,7 @@ from moe.attention import GQA, MLA
 from moe.layers import SwiGLU
 from parallel.layout import Shard
 from parallel.method_wrap import wrap_outer
-from parallel.sequence_parallel import (apply_sequence_parallel, gather_rows, gather_sequence, scatter_rows,
-                                        scatter_sequence)
+from parallel.sequence_parallel import apply_sequence_parallel, region_input, scatter_rows, scatter_sequence
 from parallel.tp_comm import copy_to_tp, reduce_from_tp
 
 COLUMN, ROW = 0, 1  # the dimension of nn.Linear.weight ([out, in]) that is split
@@ -67,7 +66,16 @@ def _make_region(module: nn.Module, group, sequence_parallel: bool) -> None:
     exchanges; recompute and swap wrappers applied later go inside them. With sequence parallelism
     f gathers the tokens and g reduce-scatters them (parallel/sequence_parallel.py)."""
     if sequence_parallel:
-        enter, leave = (gather_rows, scatter_rows) if isinstance(module, SwiGLU) else (gather_sequence, scatter_sequence)
+        mlp = isinstance(module, SwiGLU)
+        region = region_input(module, group, along_sequence=not mlp)
+        scatter = scatter_rows if mlp else scatter_sequence
+
+        def enter(x, _group):
+            return region.enter(x)
+
+        def leave(y, _group):
+            region.leave()
+            return scatter(y, group)
     else:
         enter, leave = copy_to_tp, reduce_from_tp
     if isinstance(module, SwiGLU):

@@ -65,6 +65,8 @@ class PartCost:
     b: float = 0.0  # backward compute, recompute included
     rc: float = 0.0  # the recompute share of b
     tp: float = 0.0  # exposed TP comm, forward (backward is the same)
+    tp_fx: float = 0.0  # TP comm in forward only (sequence parallelism: the routers' statistics)
+    tp_bx: float = 0.0  # TP comm in backward only (sequence parallelism: the regions' re-gathers)
     ep_f: float = 0.0  # exposed EP exchange without fb overlap
     ep_b: float = 0.0
     ep_f_st: float = 0.0  # exposed EP exchange in the steady phase under fb overlap
@@ -78,21 +80,21 @@ class PartCost:
     ops: list = field(default_factory=list)
 
     def add(self, o: "PartCost", n: float = 1.0) -> None:
-        for name in ("f", "b", "rc", "tp", "ep_f", "ep_b", "ep_f_st", "ep_b_st", "cp", "swap", "act",
+        for name in ("f", "b", "rc", "tp", "tp_fx", "tp_bx", "ep_f", "ep_b", "ep_f_st", "ep_b_st", "cp", "swap", "act",
                      "act_full", "swapped"):
             setattr(self, name, getattr(self, name) + n * getattr(o, name))
 
     def exposed(self, kind: str, steady: bool) -> float:
         """Exposed communication inside a forward ('F') or backward ('B') op."""
         if kind == "F":
-            return self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
-        return self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
+            return self.tp + self.tp_fx + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
+        return self.tp + self.tp_bx + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
 
     def fwd(self, steady: bool) -> float:
-        return self.f + self.tp + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
+        return self.f + self.tp + self.tp_fx + self.cp + self.swap + (self.ep_f_st if steady else self.ep_f)
 
     def bwd(self, steady: bool) -> float:
-        return self.b + self.tp + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
+        return self.b + self.tp + self.tp_bx + 2 * self.cp + self.swap + (self.ep_b_st if steady else self.ep_b)
 
 
 class LayerCosts:
@@ -139,7 +141,10 @@ class LayerCosts:
         cfg, cm, hw, o = self.model, self.cm, self.hw, self.opt
         tp, cp, dpn = lay.tp, lay.cp, d.devices_per_node
         T = lay.micro_batch_size * lay.seq_len / cp
-        sp = tp if lay.sequence_parallel else 1  # ranks sharing the tokens outside TP regions
+        # ranks sharing the tokens outside TP regions: sequence parallelism splits the layers of the
+        # main stack; the embedding, head and MTP modules see whole sequences (parallel/sequence_parallel.py)
+        seq_par = lay.sequence_parallel and kind in ("dense", "moe")
+        sp = tp if seq_par else 1
         hidden_bytes = T * cfg.hidden_size * self.b  # one gathered activation of the micro-batch
         if kind == "noop":
             return PartCost()
@@ -157,11 +162,12 @@ class LayerCosts:
 
         mtp = kind == "mtp"
         moe = kind in ("moe", "mtp")
-        # Tokens this device dispatches and expert rows it computes. Sequence parallelism: its T/tp
-        # tokens, rows gathered over the expert-TP group. Without it: TP-extend-EP dispatches this
-        # TP rank's slice T/tp; expert TP dispatches all T tokens to experts of 1/etp width.
-        t_moe = T / tp if lay.sequence_parallel or lay.tp_extend_ep else T
-        rows = t_moe * cfg.top_k * o.expert_imbalance * (d.etp if lay.sequence_parallel else 1)
+        # Tokens this device dispatches and expert rows it computes: TP-extend-EP dispatches this TP
+        # rank's T/tp tokens (its slice, or under sequence parallelism its own); expert TP dispatches
+        # all T tokens of the TP group (gathered first under sequence parallelism) to experts of
+        # 1/etp width.
+        t_moe = T / tp if lay.tp_extend_ep else T
+        rows = t_moe * cfg.top_k * o.expert_imbalance
         attn_ops = cm.attention(T, lay.seq_len, tp, sp, cp)
         nodes = C.group_span(d.ep, d.strides["ep"], dpn)[1]
         ffn_ops = (cm.moe_ffn(T, tp, d.ep, d.etp, o.expert_imbalance, lay.dispatcher, nodes, sp, t_moe, rows)
@@ -169,12 +175,22 @@ class LayerCosts:
         extra = cm.mtp_extra(T, tp, sp, lay.vocab_shards) if mtp else []
         pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
         # TP regions: attention, dense MLP or shared expert (all-gather + reduce-scatter with SP, or
-        # an all-reduce each way without: the same bytes). Without SP the routed experts' output is
-        # summed over expert TP (all-reduce), or TP-extend-EP's slices are gathered back (all-gather).
+        # an all-reduce each way without: the same bytes). Expert TP sums the routed experts' output
+        # over TP (all-reduce; with SP the tokens are all-gathered before the dispatch and the
+        # outputs reduce-scattered); without SP, TP-extend-EP gathers its slices back (all-gather).
         pairs = 2 if not moe or cfg.num_shared_experts else 1
-        if moe and tp > 1 and not lay.sequence_parallel:
-            pairs += 0.5 if lay.tp_extend_ep else 1
+        if moe and tp > 1:
+            pairs += (0.0 if seq_par else 0.5) if lay.tp_extend_ep else 1
         pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, pairs + (1 if mtp else 0))
+        if seq_par and tp > 1:
+            # each region's input projections all-gather their input again in backward; a MoE
+            # layer's router sums its statistics over TP (one small all-reduce each: counts, and
+            # the balance and z-loss sums when those losses are on)
+            regions = 2 if not moe or cfg.num_shared_experts else 1
+            pcost.tp_bx = regions * C.all_gather(hidden_bytes, tp, d.strides["tp"], dpn).time(hw) * (1 - o.tp_comm_overlap)
+            if moe:
+                small = 1 + (cfg.aux_loss_coeff > 0) + (cfg.z_loss_coeff > 0)
+                pcost.tp_fx = small * C.all_reduce(4 * (2 * cfg.num_experts + 1), tp, d.strides["tp"], dpn).time(hw)
         if cp > 1:
             kv = T * cfg.num_heads / tp * (cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla"
                                            else 2 * cfg.head_dim * cfg.num_kv_heads / cfg.num_heads) * self.b
@@ -208,10 +224,6 @@ class LayerCosts:
         args = (lay.dispatcher, tokens, cfg.top_k, cfg.hidden_size * self.b, d.ep, d.strides["ep"], dpn,
                 o.expert_imbalance, cfg.num_experts)
         dispatch, combine = C.ep_dispatch(*args), C.ep_combine(*args)
-        if d.etp > 1 and lay.sequence_parallel:  # expert TP gathers the received rows over its group
-            rows = tokens * cfg.top_k * o.expert_imbalance
-            dispatch.append(C.all_gather(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
-            combine.append(C.reduce_scatter(d.etp * rows * cfg.hidden_size * self.b, d.etp, d.strides["etp"], dpn))
         t_d, t_c = C.comm_time(dispatch, hw), C.comm_time(combine, hw)
         up = [op for op in ffn_ops if op.name in ("shared_w1", "shared_w3")]
         down = [op for op in ffn_ops if op.name in ("shared_act", "shared_w2")]

@@ -69,6 +69,7 @@ class Layout(ParallelConfig):
         shared = {f.name: getattr(self, f.name) for f in fields(ParallelConfig)}
         if shared["devices_per_node"] is None:
             shared["devices_per_node"] = devices_per_node
+        shared["sequence_parallel"] = self.sequence_parallel and self.tp > 1  # the runtime refuses it without TP
         return ParallelConfig(**shared)
 
     def short(self) -> str:

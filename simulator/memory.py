@@ -20,7 +20,8 @@ router (under 1 % here), and the reference norm's fp32 copies of bf16 inputs.
 `fused`: the device kernels (flash attention, fused norm and SwiGLU) save only their inputs plus
 small statistics; the CPU reference path also keeps each norm's unscaled input, SiLU's output and
 the attention probabilities. With TP, heads shard attention tensors, and with sequence
-parallelism the TP ranks also shard the hidden-sized ones; MLA latents are replicated like their
+parallelism the TP ranks also shard the hidden-sized ones of the main layers (the head and MTP
+modules see whole sequences, parallel/sequence_parallel.py); MLA latents are replicated like their
 projections.
 """
 from __future__ import annotations
@@ -91,7 +92,9 @@ def attention_saved(cfg: ModelConfig, tp: int, sp: Optional[int] = None, fused: 
     """`sp`: ranks sharing the token dimension outside TP regions (tp with sequence parallelism)."""
     D, H, sp = cfg.hidden_size, cfg.num_heads / tp, sp or tp
     out = [Saved("attn_in", D / sp)] + norm_saved("attn_norm", D / sp, fused, share=1 / sp)
-    out.append(Saved("attn_normed", D / sp, swap=ATTN))  # the projections' input
+    # the projections' input; under sequence parallelism their saved part of it stays on the device
+    # (parallel/sequence_parallel.py re-gathers it in backward) whatever the swap regions
+    out.append(Saved("attn_normed", D / sp, swap=ATTN if sp == 1 else ()))
     if cfg.attention == "mla":
         if cfg.q_lora_rank:  # q_norm runs inside the up-projection region, so mla_up drops its saves
             out += [Saved("q_latent", cfg.q_lora_rank, swap=ATTN)]
@@ -135,7 +138,7 @@ def sandwich_post(cfg: ModelConfig, name: str, sp: int, fused: bool) -> list[Sav
 def dense_mlp_saved(cfg: ModelConfig, tp: int, sp: Optional[int] = None, fused: bool = True) -> list[Saved]:
     D, sp = cfg.hidden_size, sp or tp
     out = [Saved("mlp_in", D / sp)] + norm_saved("mlp_norm", D / sp, fused, share=1 / sp)
-    out.append(Saved("mlp_normed", D / sp, swap=("mlp",)))
+    out.append(Saved("mlp_normed", D / sp, swap=("mlp",) if sp == 1 else ()))
     out += swiglu_saved("mlp", cfg.dense_ffn_size / tp, 1.0, fused, swap=("mlp",))
     return out + sandwich_post(cfg, "mlp", sp, fused)
 
@@ -159,7 +162,7 @@ def moe_saved(cfg: ModelConfig, tp: int, etp: int, imbalance: float, sp: Optiona
     out += [Saved("expert_out", k * home * D),  # rows back home, saved by the weighted unpermute
             Saved("unpermute_index", k * home, 8), Saved("unpermute_weights", k * home, 4)]
     if cfg.num_shared_experts:
-        out.append(Saved("shared_in", D / sp, swap=("mlp",), copy=True))
+        out.append(Saved("shared_in", D / sp, swap=("mlp",) if sp == 1 else (), copy=True))
         out += swiglu_saved("shared", cfg.num_shared_experts * cfg.expert_ffn_size / tp, 1.0, fused, swap=("mlp",))
     return out + sandwich_post(cfg, "moe", sp, fused)
 

@@ -186,7 +186,7 @@ def step_breakdown(chunks: list, pp: int, vpp: int, m: int, r: int, finish: floa
     own = [chunks[c * p + r] for c in range(v)]
     compute = m * sum(c.f + c.b - c.rc for c in own)
     recompute = m * sum(c.rc for c in own)
-    tp = m * sum(2 * c.tp for c in own)
+    tp = m * sum(2 * c.tp + c.tp_fx + c.tp_bx for c in own)
     cp = m * sum(3 * c.cp for c in own)
     swap = m * sum(2 * c.swap for c in own)
     steady = max(0.0, m - num_warmup(p, v, m, r) / v)

@@ -38,7 +38,7 @@ class LayoutSpace:
     vpp: list[int] = field(default_factory=lambda: [1, 2, 4])
     ep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     tp_extend_ep: list[bool] = field(default_factory=lambda: [False, True])
-    sequence_parallel: list[bool] = field(default_factory=lambda: [True])  # [False]: as the runtime runs TP
+    sequence_parallel: list[bool] = field(default_factory=lambda: [True])  # with TP (the runtime's parallel.sequence_parallel)
     cp: list[int] = field(default_factory=lambda: [1, 2])
     zero1: list[bool] = field(default_factory=lambda: [True, False])
     micro_batch_size: list[int] = field(default_factory=lambda: [1, 2, 4])

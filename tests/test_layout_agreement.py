@@ -83,7 +83,7 @@ def test_every_layout_the_search_returns_passes_the_trainer(model_name):
     hw = cpu_profile(devices_per_node=4)
     sim = Simulator(model, hw, world, SimOptions(dtype="fp32"))
     space = LayoutSpace(tp=[1, 2, 4], pp=[1], vpp=[1], cp=[1], ep=[1, 2, 4, 8], tp_extend_ep=[False, True],
-                        sequence_parallel=[False], zero1=[False, True], micro_batch_size=[1, 2],
+                        sequence_parallel=[False, True], zero1=[False, True], micro_batch_size=[1, 2],
                         recompute=["none"], swap=[False], optimizer_offload=[False],
                         dispatcher=["alltoall", "allgather", "hierarchical"], global_batch_size=16, seq_len=64)
     res = search_layouts(sim, space, rerank=5, keep_infeasible=False)
@@ -103,8 +103,11 @@ def test_every_layout_the_search_returns_passes_the_trainer(model_name):
 def test_runtime_names_what_it_cannot_run_yet():
     model = MODELS["mla"]
     assert runtime_error(ParallelConfig(pp=2), model, 4) is None  # pipeline parallelism runs (tests/test_pipeline.py)
+    # sequence parallelism runs (tests/test_parallel_tp.py); without TP it is one clear error
+    assert runtime_error(ParallelConfig(tp=2, sequence_parallel=True), model, 4) is None
+    err = runtime_error(ParallelConfig(sequence_parallel=True), model, 4)
+    assert err.startswith("parallel.sequence_parallel: splits the tokens over the TP ranks, but tp=1"), err
     for par, field in ((ParallelConfig(cp=2), "parallel.cp"),
-                       (ParallelConfig(tp=2, sequence_parallel=True), "parallel.sequence_parallel"),
                        (ParallelConfig(tp=2, etp=1), "parallel.etp")):
         err = runtime_error(par, model, 4)
         assert err is not None and err.startswith(field) and "not supported by the training runtime yet" in err

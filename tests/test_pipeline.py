@@ -282,7 +282,8 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
     assert len(m["pp_stage_forward_s"]) == n_stages and min(m["pp_stage_backward_s"]) > 0
     assert 0 < m["pp_bubble_fraction"] < 1
     # activations and their gradients across every stage boundary: M micro-batches, each way
-    act = MBS * SEQ * BASE["hidden_size"] * 4
+    # (sequence parallelism: each TP rank sends its 1/tp of the positions)
+    act = MBS * SEQ * BASE["hidden_size"] * 4 // (par.get("tp", 1) if par.get("sequence_parallel") else 1)
     assert m["pp_p2p_bytes"] == 2 * (n_stages - 1) * M * act * (world // par["pp"])
     print(f"{sid}: max relative difference: losses {worst['loss']:.1e}, first-step grads {worst['grad0']:.1e}, "
           f"final params {worst['param']:.1e}; bubble {m['pp_bubble_fraction']:.2f}")
