@@ -70,9 +70,6 @@ class PlacementConfig:
         if parallel.pp > 1:
             raise ConfigError("placement.enabled: not supported with pipeline parallelism yet; set parallel.pp: 1 "
                               "or enabled: false")
-        if parallel.tp > 1:
-            raise ConfigError("placement.enabled: not tested with tensor parallelism (TP-extend-EP, expert TP) yet; "
-                              "set parallel.tp: 1 or enabled: false")
         if memory.optimizer_offload:
             raise ConfigError("placement.enabled: cannot move host-offloaded optimizer state yet; set "
                               "memory.optimizer_offload: false or enabled: false")

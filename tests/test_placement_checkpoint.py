@@ -95,7 +95,11 @@ def test_saving_run_migrated_and_matches_placement_off(saved):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world, par", [(4, dict(ep=4, dispatcher="alltoall")),
-                                        (2, dict(ep=2, dispatcher="allgather"))], ids=["ep4", "ep2"])
+                                        (2, dict(ep=2, dispatcher="allgather")),
+                                        (4, dict(tp=2, ep=2, dispatcher="alltoall")),
+                                        (4, dict(tp=2, ep=2, tp_extend_ep=True, dispatcher="alltoall",
+                                                 sequence_parallel=True))],
+                         ids=["ep4", "ep2", "tp2xep2-etp", "tp2xep2-extend-sp"])
 def test_resume_continues(saved, world, par):
     d, out = saved
     ranks = run_distributed(_train, world, par, d, True, timeout=100)

@@ -27,7 +27,6 @@ EP2 = {"parallel.ep": 2, "parallel.dispatcher": "alltoall", "placement.enabled":
     ({"placement.intervall": 3}, "placement.intervall: unknown field for PlacementConfig; did you mean 'interval'?"),
     ({"placement.enabled": True}, "placement.enabled: experts can only move between EP ranks; set parallel.ep >= 2"),
     ({**EP2, "parallel.pp": 2}, "placement.enabled: not supported with pipeline parallelism yet; set parallel.pp: 1"),
-    ({**EP2, "parallel.tp": 2}, "placement.enabled: not tested with tensor parallelism"),
     ({**EP2, "memory.optimizer_offload": True}, "placement.enabled: cannot move host-offloaded optimizer state yet"),
 ])
 def test_bad_placement_fields(overrides, message):
@@ -42,3 +41,5 @@ def test_good_placement_section_loads():
     assert r.placement.enabled and r.placement.interval == 3 and r.placement.skew.alpha == 1.5
     assert r.placement.skew.enabled and r.placement.skew.period == 10  # defaults fill the rest
     assert not load_recipe(RECIPE).placement.skew.enabled
+    # with tensor parallelism too (tests/test_placement_dist.py, tests/test_placement_checkpoint.py)
+    assert load_recipe(RECIPE, {**EP2, "parallel.tp": 2, "parallel.tp_extend_ep": True}).placement.enabled

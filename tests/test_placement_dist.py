@@ -104,6 +104,13 @@ SCENARIOS = [
     ("ep4-hierarchical-2x2", 4, dict(ep=4, dispatcher="hierarchical", devices_per_node=2)),
     ("ep4-allgather", 4, dict(ep=4, dispatcher="allgather")),
     ("ep2xdp2-alltoall-zero1", 4, dict(ep=2, dispatcher="alltoall", zero1=True)),
+    # tensor parallelism: expert TP (each TP index's EP group moves its slices by the same plan) and
+    # TP-extend-EP (whole experts over ep x tp ranks), with and without sequence parallelism
+    ("tp2xep2-etp-alltoall", 4, dict(tp=2, ep=2, dispatcher="alltoall")),
+    ("tp2xep2-extend-hierarchical-sp", 4, dict(tp=2, ep=2, tp_extend_ep=True, dispatcher="hierarchical",
+                                                devices_per_node=2, sequence_parallel=True)),
+    ("tp2xep2-etp-allgather-sp-zero1", 4, dict(tp=2, ep=2, dispatcher="allgather", sequence_parallel=True,
+                                               zero1=True)),
 ]
 
 
