@@ -67,9 +67,6 @@ class PlacementConfig:
         if parallel.ep < 2 or parallel.dispatcher == "local":
             raise ConfigError("placement.enabled: experts can only move between EP ranks; set parallel.ep >= 2 "
                               "with dispatcher alltoall, allgather or hierarchical, or enabled: false")
-        if parallel.pp > 1:
-            raise ConfigError("placement.enabled: not supported with pipeline parallelism yet; set parallel.pp: 1 "
-                              "or enabled: false")
         if memory.optimizer_offload:
             raise ConfigError("placement.enabled: cannot move host-offloaded optimizer state yet; set "
                               "memory.optimizer_offload: false or enabled: false")

@@ -3,9 +3,10 @@
 
 `ExpertPlacement(model, meshes, ...)` wraps every MoE layer's dispatcher in a `PlacedDispatcher`
 (identity placement at first). After each optimizer step the trainer calls `after_step(loads,
-optimizer)` with this rank's per-layer expert counts of the step; they are summed over every rank
-(pp = 1: the whole world holds every layer; each token's counts appear once per TP rank, which
-scales all experts alike and leaves the ratios the planner uses unchanged), folded into the EMA,
+optimizer)` with the per-layer expert counts of the step; they are summed over every rank holding
+the layer (pp = 1: the whole world; with pipeline stages the stage's EP and expert-data-parallel
+groups; each token's counts appear once per TP rank, which scales all experts alike and leaves the
+ratios the planner uses unchanged), folded into the EMA,
 and on check steps the layers whose predicted imbalance drops by the margin migrate. Every rank
 takes the same decisions from the same sums. The returned metrics say, per layer, max/mean tokens
 per EP rank of the step under the contiguous placement ("before") and under the placement the step
@@ -32,16 +33,30 @@ from parallel.placement import Planner, imbalance, rank_loads
 from parallel.placement_exec import PlacedDispatcher, migrate_layers
 
 
-def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def _sum_over(groups):
+    """Sum over every rank of a pipeline stage: `groups` None is the whole world (pp = 1);
+    else (EP group, expert-data-parallel group), whose product spans the stage up to expert-TP
+    copies (equal counts: a common scale the planner's ratios ignore)."""
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        for g in groups or [None]:
+            if g is None or dist.get_world_size(g) > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
+        return t
+    return reduce
 
 
 class ExpertPlacement:
-    def __init__(self, model: nn.Module, ep_group, interval: int = 5, decay: float = 0.9, margin: float = 0.1):
+    def __init__(self, model: nn.Module, ep_group, interval: int = 5, decay: float = 0.9, margin: float = 0.1,
+                 edp_group=None, pp_group=None):
+        """`edp_group` and `pp_group` (both or neither): with pipeline stages this rank holds only
+        its stages' MoE layers; loads are summed over the stage's ranks, and metrics and checkpoint
+        tables are gathered over the pipeline (global MoE layer order: blocks, then MTP modules)."""
         self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         if not self.layers:
             raise ValueError("expert placement: the model has no MoE layer")
+        # this rank's layers among the whole model's MoE layers (what the trainer's loads list)
+        self.index = model.moe_layer_index() if hasattr(model, "moe_layer_index") else list(range(len(self.layers)))
+        self.pp_group = pp_group if pp_group is not None and dist.get_world_size(pp_group) > 1 else None
         self.group = ep_group
         self.ep = dist.get_world_size(ep_group)
         num_experts = self.layers[0].cfg.num_experts
@@ -49,29 +64,52 @@ class ExpertPlacement:
             if not isinstance(layer.dispatcher, PlacedDispatcher):
                 layer.dispatcher = PlacedDispatcher(layer.dispatcher, num_experts)
         self.tables = [torch.arange(num_experts) for _ in self.layers]
-        self.planner = Planner(len(self.layers), num_experts, self.ep, decay, interval, margin, reduce=_sum_over_world)
+        groups = (ep_group, edp_group) if self.pp_group is not None else None
+        self.planner = Planner(len(self.layers), num_experts, self.ep, decay, interval, margin, reduce=_sum_over(groups))
         self.expert_params = {id(getattr(layer.experts, w)) for layer in self.layers for w in EXPERT_WEIGHTS}
         self.migrations = 0  # layers migrated since the start of the run
 
+    def _global(self, per_layer: list) -> list:
+        """This rank's per-layer values in the whole model's MoE layer order (gathered over pp)."""
+        if self.pp_group is None:
+            return per_layer
+        parts = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(parts, (self.index, per_layer), group=self.pp_group)
+        out = {}
+        for index, values in parts:
+            out.update(zip(index, values))
+        return [out[i] for i in sorted(out)]
+
     def after_step(self, loads: list[torch.Tensor], optimizer) -> dict:
-        """Observe this step's per-layer counts; migrate on check steps. Collective: every rank."""
+        """Observe this step's per-layer counts (`loads`: every MoE layer of the whole model, the
+        trainer's `expert_load`; this rank's layers are picked out); migrate on check steps.
+        Collective: every rank."""
+        if len(loads) != len(self.layers):
+            loads = [loads[i] for i in self.index]
         step = self.planner.observe(loads)
         identity = torch.arange(step.shape[1])
-        m = {"placement_imbalance_before": [imbalance(rank_loads(x, identity, self.ep)) for x in step],
-             "placement_imbalance_after": [imbalance(rank_loads(x, t, self.ep)) for x, t in zip(step, self.tables)],
+        m = {"placement_imbalance_before": self._global([imbalance(rank_loads(x, identity, self.ep)) for x in step]),
+             "placement_imbalance_after": self._global([imbalance(rank_loads(x, t, self.ep))
+                                                        for x, t in zip(step, self.tables)]),
              "placement_migrations": 0, "placement_bytes": 0, "placement_time_s": 0.0}
         if not self.planner.due():
             return m
         decisions = self.planner.decide(self.tables)
-        m["placement_predicted_current"] = [d.current for d in decisions]  # EMA-predicted max/mean
-        m["placement_predicted_planned"] = [d.planned for d in decisions]
+        m["placement_predicted_current"] = self._global([d.current for d in decisions])  # EMA-predicted max/mean
+        m["placement_predicted_planned"] = self._global([d.planned for d in decisions])
         done = sum(d.migrate for d in decisions)
-        if done:
-            targets = [d.new_expert_at_slot if d.migrate else t for d, t in zip(decisions, self.tables)]
-            sent, seconds = self._move_to(targets, optimizer)
-            self.migrations += done
-            m.update(placement_migrations=done, placement_bytes=sent, placement_time_s=seconds)
+        sent, seconds = self._move_to([d.new_expert_at_slot if d.migrate else t
+                                       for d, t in zip(decisions, self.tables)], optimizer) if done else (0, 0.0)
+        self.migrations += done
+        if self.pp_group is not None:  # every stage's migrations (bytes: this stage's; seconds: the slowest)
+            done, sent, seconds = self._pipeline_totals(done, sent, seconds)
+        m.update(placement_migrations=done, placement_bytes=sent, placement_time_s=seconds)
         return m
+
+    def _pipeline_totals(self, done: int, sent: int, seconds: float) -> tuple[int, int, float]:
+        parts = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(parts, (done, sent, seconds), group=self.pp_group)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts)
 
     def _move_to(self, targets: list[torch.Tensor], optimizer) -> tuple[int, float]:
         """Migrate every layer whose table differs from its target; (bytes sent, seconds)."""
@@ -97,21 +135,29 @@ class ExpertPlacement:
     def meta(self, tables: Optional[list[torch.Tensor]] = None) -> dict:
         """The placement as JSON-able checkpoint metadata (tables, EMA, counters)."""
         p = self.planner
-        return {"expert_at_slot": [t.tolist() for t in (tables or self.tables)], "steps_seen": p.steps_seen,
-                "ema": None if p.ema is None else p.ema.tolist(), "migrations": self.migrations}
+        ema = None if p.ema is None else self._global(p.ema.tolist())
+        migrations = self.migrations
+        if self.pp_group is not None:
+            migrations = self._pipeline_totals(migrations, 0, 0.0)[0]
+        return {"expert_at_slot": self._global([t.tolist() for t in (tables or self.tables)]),
+                "steps_seen": p.steps_seen, "ema": ema, "migrations": migrations}
 
     def restore(self, meta: dict, optimizer) -> None:
         """After loading a canonical checkpoint (identity tables): the saved EMA, counters and tables,
         moving the experts to the saved slots under this run's EP size."""
         tables = torch.tensor(meta["expert_at_slot"], dtype=torch.long)
-        if tables.shape != (len(self.layers), self.planner.num_experts):
+        n_global = max(self.index) + 1 if self.pp_group is not None else len(self.layers)
+        if tables.shape[0] < n_global or tables.shape[1:] != (self.planner.num_experts,):
             raise ValueError(f"checkpoint placement: tables of shape {tuple(tables.shape)}, this model needs "
-                             f"{(len(self.layers), self.planner.num_experts)}; resume with the model that wrote it")
+                             f"{(n_global, self.planner.num_experts)}; resume with the model that wrote it")
+        mine = torch.tensor(self.index) if tables.shape[0] != len(self.layers) else torch.arange(len(self.layers))
         ema = meta.get("ema")
-        self.planner.ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
+        self.planner.ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)[mine]
         self.planner.steps_seen = int(meta["steps_seen"])
-        self.migrations = int(meta.get("migrations", 0))
-        self._move_to(list(tables), optimizer)
+        # the whole model's count; with stages, pipeline rank 0 carries it (meta() sums the stages)
+        first = self.pp_group is None or dist.get_rank(self.pp_group) == 0
+        self.migrations = int(meta.get("migrations", 0)) if first else 0
+        self._move_to(list(tables[mine]), optimizer)
 
 
 def apply_placement(cfg, model: nn.Module, runtime):
@@ -124,6 +170,9 @@ def apply_placement(cfg, model: nn.Module, runtime):
         s = cfg.skew
         skew = ZipfSkew(num_experts, alpha=s.alpha, strength=s.strength, period=s.period, seed=s.seed)
         skew.install(model)
-    placement = (ExpertPlacement(model, runtime.meshes.ep_group, cfg.interval, cfg.ema_decay, cfg.margin)
-                 if cfg.enabled else None)
+    placement = None
+    if cfg.enabled:
+        meshes = runtime.meshes
+        placement = ExpertPlacement(model, meshes.ep_group, cfg.interval, cfg.ema_decay, cfg.margin,
+                                    edp_group=meshes.edp_group, pp_group=meshes.pp_group)
     return placement, skew

@@ -26,7 +26,6 @@ EP2 = {"parallel.ep": 2, "parallel.dispatcher": "alltoall", "placement.enabled":
     ({"placement.skew": {"zipf": 1.0}}, "placement.skew.zipf: unknown field for SkewConfig"),
     ({"placement.intervall": 3}, "placement.intervall: unknown field for PlacementConfig; did you mean 'interval'?"),
     ({"placement.enabled": True}, "placement.enabled: experts can only move between EP ranks; set parallel.ep >= 2"),
-    ({**EP2, "parallel.pp": 2}, "placement.enabled: not supported with pipeline parallelism yet; set parallel.pp: 1"),
     ({**EP2, "memory.optimizer_offload": True}, "placement.enabled: cannot move host-offloaded optimizer state yet"),
 ])
 def test_bad_placement_fields(overrides, message):
@@ -43,3 +42,4 @@ def test_good_placement_section_loads():
     assert not load_recipe(RECIPE).placement.skew.enabled
     # with tensor parallelism too (tests/test_placement_dist.py, tests/test_placement_checkpoint.py)
     assert load_recipe(RECIPE, {**EP2, "parallel.tp": 2, "parallel.tp_extend_ep": True}).placement.enabled
+    assert load_recipe(RECIPE, {**EP2, "parallel.pp": 2, "train.grad_accum": 2}).placement.enabled

@@ -31,13 +31,13 @@ def overrides(tmp: Path, name: str, mbs: int, steps: int) -> dict:
             "model.qk_nope_head_dim": 8, "model.qk_rope_head_dim": 4, "model.v_head_dim": 8, "placement.skew": SKEW}
 
 
-def torchrun(tmp: Path, steps: int) -> subprocess.CompletedProcess:
-    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides(tmp, "placed", MBS, steps).items()]
+def torchrun(tmp: Path, steps: int, name: str = "placed", extra: tuple = (), nproc: int = 2) -> subprocess.CompletedProcess:
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides(tmp, name, MBS, steps).items()]
     args += ["parallel.ep=2", "parallel.dispatcher=alltoall", "placement.enabled=true", "placement.interval=2",
-             "placement.margin=0.0", "placement.ema_decay=0.5"]
+             "placement.margin=0.0", "placement.ema_decay=0.5", *extra]
     env = {**os.environ, "PYTHON": sys.executable, "RECIPE": str(RECIPE)}
-    proc = subprocess.run(["bash", str(ROOT / "launch/run_cpu.sh"), "2", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=200)
+    proc = subprocess.run(["bash", str(ROOT / "launch/run_cpu.sh"), str(nproc), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -65,6 +65,32 @@ def test_trainer_places_experts_and_keeps_losses(tmp_path):
     torchrun(tmp_path, MORE)  # resumes from the final checkpoint of the first run
     logged = [json.loads(line) for line in (tmp_path / "placed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, MORE + 1))
+    for step in range(STEPS, MORE):
+        got, want = logged[step]["loss"], single[step]["loss"]
+        assert abs(got - want) <= 1e-5 * abs(want), f"resumed step {step + 1}: {got} vs {want}"
+
+
+@pytest.mark.timeout(600)
+def test_trainer_places_experts_on_every_pipeline_stage(tmp_path):
+    """pp2 x ep2 (4 ranks, dp 2): each stage plans and moves its own layers; metrics and the
+    checkpoint's tables cover every MoE layer of the model; losses equal the same layout's without
+    placement (the single process averages its micro-batches' masked means over another grouping
+    of the sequences once grad_accum > 1), also after resuming."""
+    accum = ("parallel.pp=2", "train.grad_accum=2")
+    torchrun(tmp_path, MORE, "off", (*accum, "placement.enabled=false"), nproc=4)
+    single = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    torchrun(tmp_path, STEPS, "pp", accum, nproc=4)
+    logged = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
+    layers = load_recipe(RECIPE).model.num_moe_layers + load_recipe(RECIPE).model.mtp_layers
+    for step, (got, want) in enumerate(zip(logged, single)):
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), f"step {step + 1}: {got['loss']} vs {want['loss']}"
+        assert len(got["placement_imbalance_before"]) == len(got["placement_imbalance_after"]) == layers
+    assert sum(r["placement_migrations"] for r in logged) >= 2
+    meta = json.loads(next((tmp_path / "pp" / "checkpoints").glob("step-*/meta.json")).read_text())
+    tables = meta["placement"]["expert_at_slot"]
+    assert len(tables) == layers and any(t != list(range(len(t))) for t in tables)
+    torchrun(tmp_path, MORE, "pp", accum, nproc=4)
+    logged = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
     for step in range(STEPS, MORE):
         got, want = logged[step]["loss"], single[step]["loss"]
         assert abs(got - want) <= 1e-5 * abs(want), f"resumed step {step + 1}: {got} vs {want}"
