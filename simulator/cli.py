@@ -75,6 +75,9 @@ def cmd_estimate(args) -> int:
         print(f"timeline: {est.timeline.to_chrome_trace(args.trace)} (open in https://ui.perfetto.dev)")
     if args.json:
         print(f"json: {write_json(estimate_dict(est), args.json)}")
+    if args.load_trace:
+        from simulator.load_trace import compare_placement, read_load_trace
+        print(compare_placement(sim, r.layout, read_load_trace(args.load_trace)).describe())
     return 0
 
 
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(p)
     p.add_argument("--trace", help="write the pipeline timeline as Chrome-trace JSON")
     p.add_argument("--json", help="write the estimate as JSON")
+    p.add_argument("--load-trace", help="a run's metrics.jsonl with placement metrics: estimate the layout at its "
+                                        "measured expert imbalance without and with dynamic placement")
     p.set_defaults(fn=cmd_estimate)
 
     p = sub.add_parser("search", help="search parallel layouts (or model shapes with --models)")

@@ -61,6 +61,10 @@ def test_trainer_places_experts_and_keeps_losses(tmp_path):
                                                            r["placement_imbalance_before"]))
     meta = json.loads(next((tmp_path / "placed" / "checkpoints").glob("step-*/meta.json")).read_text())
     assert any(t != list(range(len(t))) for t in meta["placement"]["expert_at_slot"])
+    # the run's metrics are a load trace for the simulator (simulator/load_trace.py)
+    from simulator.load_trace import read_load_trace
+    trace = read_load_trace(tmp_path / "placed" / "metrics.jsonl")
+    assert trace.steps == STEPS and trace.before >= 1 and trace.after >= 1 and trace.migrations >= 1
 
     torchrun(tmp_path, MORE)  # resumes from the final checkpoint of the first run
     logged = [json.loads(line) for line in (tmp_path / "placed" / "metrics.jsonl").read_text().splitlines()]
