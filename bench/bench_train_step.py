@@ -8,13 +8,22 @@ expert loads of both are printed so a skewed routing is visible).
 
     .venv/bin/python bench/bench_train_step.py                # fp32 and bf16 (autocast), ~3 min
     .venv/bin/python bench/bench_train_step.py --dtypes fp32 --repeats 5
+    .venv/bin/python bench/bench_train_step.py --isolate --rounds 3   # each contestant in its own process
+
+Contestants alternate step by step in one process by default (drift hits all alike), but then each
+one's freed activations are another's fresh pages: on this VM that costs 7k-100k minor page faults
+and up to 0.3 s of system time per step, and which model pays varies. `--isolate` runs every
+contestant in its own process instead, `--rounds` times in turn, and reports the median over all
+their steps.
 
 transformers goes in the `bench` / `dev` extra, never in the runtime's dependencies.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import statistics
 import sys
 import time
@@ -96,6 +105,25 @@ def measure_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return best
 
 
+def build_step(name: str, tokens, labels, dtype: str):
+    if name == "ours":
+        return make_step(our_model(), ours_loss, tokens, labels, dtype)
+    return make_step(hf_model(name.split(" ", 1)[1]), hf_loss, tokens, labels, dtype)
+
+
+def isolated_times(names: list[str], dtype: str, args) -> dict:
+    """Each contestant's step times from fresh processes, `args.rounds` each, contestants in turn."""
+    times = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, "--only", name, "--dtypes", dtype, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--hf-impls", *args.hf_impls]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            times[name] += json.loads(next(l for l in out.splitlines() if l.startswith("TIMES "))[6:])
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
@@ -105,6 +133,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--hf-impls", nargs="*", default=["grouped_mm", "eager"])
+    ap.add_argument("--isolate", action="store_true", help="each contestant in its own process (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --isolate: processes per contestant, in turn")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: --isolate's child measures one contestant
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -121,20 +152,24 @@ def main() -> None:
           f"batch {args.batch} x {args.seq} tokens; ours {n_ours / 1e6:.2f} M parameters, "
           f"{model_flops_per_token(ours.cfg, args.seq) / 1e6:.1f} MFLOP/token (train)")
     for dtype in args.dtypes:
-        peak = measure_peak(torch.float32 if dtype == "fp32" else torch.bfloat16)
-        contestants = {"ours": make_step(our_model(), ours_loss, tokens, labels, dtype)}
-        for impl in args.hf_impls:
-            m = hf_model(impl)
-            if impl == args.hf_impls[0]:
-                print(f"  HF {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
-            contestants[f"HF {impl}"] = make_step(m, hf_loss, tokens, labels, dtype)
-        times = {k: [] for k in contestants}
-        for i in range(args.warmup + args.repeats):
-            for name, step in contestants.items():  # alternate: drift hits all alike
-                t = time.perf_counter()
-                step()
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t)
+        peak = 0.0 if args.only else measure_peak(torch.float32 if dtype == "fp32" else torch.bfloat16)
+        names = ["ours"] + [f"HF {impl}" for impl in args.hf_impls]
+        if args.only:
+            names = [args.only]
+        if args.isolate:
+            times = isolated_times(names, dtype, args)
+        else:
+            contestants = {n: build_step(n, tokens, labels, dtype) for n in names}
+            times = {k: [] for k in contestants}
+            for i in range(args.warmup + args.repeats):
+                for name, step in contestants.items():  # alternate: drift hits all alike
+                    t = time.perf_counter()
+                    step()
+                    if i >= args.warmup:
+                        times[name].append(time.perf_counter() - t)
+        if args.only:
+            print("TIMES " + json.dumps(times[args.only]))
+            return
         med = {k: statistics.median(v) for k, v in times.items()}
         fastest_peer = min((v, k) for k, v in med.items() if k != "ours")
         print(f"{dtype}: dense matmul peak {peak / 1e9:.1f} GFLOP/s")
