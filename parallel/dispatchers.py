@@ -208,12 +208,16 @@ class HierarchicalDispatcher(Combining):
         return Then(back, node_sums)
 
 
-class ExpertTPDispatcher(Combining):
-    """Expert tensor parallelism around an EP dispatcher (see the module docstring)."""
+class _AroundEP(Combining):
+    """A tensor-parallel wrapper around an EP dispatcher over this rank's TP group."""
 
     def __init__(self, inner, tp_group):
         self.inner, self.tp_group = inner, tp_group
         self.num_local_experts = inner.num_local_experts
+
+
+class ExpertTPDispatcher(_AroundEP):
+    """Expert tensor parallelism around an EP dispatcher (see the module docstring)."""
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor):
         return self.inner.dispatch(copy_to_tp(x_TD, self.tp_group), expert_idx_TK,
@@ -231,12 +235,8 @@ class _SplitPending:
         return self.inner.wait()
 
 
-class TokenSplitDispatcher(Combining):
+class TokenSplitDispatcher(_AroundEP):
     """TP-extend-EP around an EP dispatcher over ep x tp ranks (see the module docstring)."""
-
-    def __init__(self, inner, tp_group):
-        self.inner, self.tp_group = inner, tp_group
-        self.num_local_experts = inner.num_local_experts
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _SplitPending:
         g = self.tp_group
@@ -248,15 +248,11 @@ class TokenSplitDispatcher(Combining):
                     lambda t: gather_from_tp(t, pending.num_tokens, self.tp_group))
 
 
-class SequenceExpertTPDispatcher(Combining):
+class SequenceExpertTPDispatcher(_AroundEP):
     """Expert TP under sequence parallelism: each TP rank routed only its own tokens, but holds a
     slice of every expert, so the tokens (with their routing) are gathered over the TP group before
     the EP dispatch (backward: the partial gradients reduce-scattered), and the combined partial
     outputs are reduce-scattered back to the ranks that own the tokens."""
-
-    def __init__(self, inner, tp_group):
-        self.inner, self.tp_group = inner, tp_group
-        self.num_local_experts = inner.num_local_experts
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> _SplitPending:
         g = self.tp_group

@@ -24,6 +24,7 @@ from parallel.comm import CommStats
 from parallel.dispatchers import make_dispatcher
 from parallel.layout import Shard, take_shard
 from parallel.mesh import Meshes
+from parallel.sequence_parallel import in_split_layers
 
 EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD")
 FFN_DIM = {"w1_EDF": 2, "w3_EDF": 2, "w2_EFD": 1}  # the F axis of each stack (expert TP splits it)
@@ -73,7 +74,7 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes, dispatcher: str, sta
         if layout.ep > 1:
             layer.router.stats_reducer = _sum_over(meshes.ep_group, copies)
         layer.dispatcher = make_dispatcher(dispatcher, layer.experts.kernels, num_experts, meshes, stats, overlap,
-                                           sequence_parallel and module_name.startswith("layers."))
+                                           sequence_parallel and in_split_layers(module_name))
         prefix = f"{module_name}.experts." if module_name else "experts."
         names.update({prefix + w: shards[w] for w in EXPERT_WEIGHTS})
     return names

@@ -139,12 +139,11 @@ class ParallelRuntime:
         """In place: `model` must come from `build_model` (the full single-device model, or this
         rank's pipeline stages), built with the same seed on every rank."""
         tp = TPPlan()
+        sp = self.cfg.sequence_parallel and self.layout.tp > 1
         if self.layout.tp > 1:
-            tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp,
-                                       self.cfg.sequence_parallel)
+            tp = apply_tensor_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp, sp)
             if self.cfg.vocab_parallel:
                 tp.shards.update(apply_vocab_parallel(model, self.meshes.tp_group, self.meshes.tp_rank(), self.layout.tp))
-        sp = self.cfg.sequence_parallel and self.layout.tp > 1
         experts = apply_expert_parallel(model, self.meshes, self.cfg.dispatcher, self.stats, self.cfg.overlap, sp)
         self.expert_param_names = list(experts)
         self.shards = {**tp.shards, **{n: s for n, s in experts.items() if s}}

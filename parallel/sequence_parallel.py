@@ -35,8 +35,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel import comm
+from parallel import emulated_links as links
 from parallel.method_wrap import wrap_outer
-from parallel.tp_comm import _gather_rows, _own_rows, reduce_from_tp
+from parallel.tp_comm import _gather_rows, gather_from_tp, reduce_from_tp, split_to_tp
 
 
 def _rows_of(x: Tensor, group) -> list[int]:
@@ -64,42 +65,32 @@ def scatter_sequence(x_BSD: Tensor, group) -> Tensor:
     return scatter_rows(x_BSD.transpose(0, 1), group).transpose(0, 1)
 
 
-class _Split(torch.autograd.Function):
-    """This rank's positions of a tensor every TP rank holds whole; backward all-gathers them."""
-
-    @staticmethod
-    def forward(ctx, x_BSD, group):
-        ctx.group = group
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        ctx.sizes = [x_BSD.shape[1] // n] * n
-        return _own_rows(x_BSD.transpose(0, 1), ctx.sizes, r).transpose(0, 1).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_rows(grad.transpose(0, 1), ctx.sizes, ctx.group).transpose(0, 1), None
-
-
-class _Join(torch.autograd.Function):
-    """The whole sequences from every rank's positions; backward keeps this rank's positions (the
-    gradient of what follows is the same on every TP rank)."""
-
-    @staticmethod
-    def forward(ctx, x_BSD, group):
-        n = dist.get_world_size(group)
-        ctx.sizes, ctx.rank = [x_BSD.shape[1]] * n, dist.get_rank(group)
-        return _gather_rows(x_BSD.transpose(0, 1), ctx.sizes, group).transpose(0, 1).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _own_rows(grad.transpose(0, 1), ctx.sizes, ctx.rank).transpose(0, 1).contiguous(), None
+def _positions_split(x_BSD: Tensor, group) -> int:
+    n = dist.get_world_size(group)
+    if x_BSD.shape[1] % n:
+        raise ValueError(f"sequence parallelism: a sequence of {x_BSD.shape[1]} positions does not split evenly "
+                         f"over tp={n} ranks; set train.seq_len to a multiple of tp, or sequence_parallel: false")
+    return n
 
 
 def split_sequence(x_BSD: Tensor, group) -> Tensor:
-    return _Split.apply(x_BSD, group)
+    """This rank's positions of sequences every TP rank holds whole; backward all-gathers them
+    (tp_comm's split along the sequence)."""
+    _positions_split(x_BSD, group)
+    return split_to_tp(x_BSD.transpose(0, 1), group).transpose(0, 1).contiguous()
 
 
 def join_sequence(x_BSD: Tensor, group) -> Tensor:
-    return _Join.apply(x_BSD, group)
+    """The whole sequences from every rank's positions; backward keeps this rank's positions (the
+    gradient of what follows is the same on every TP rank)."""
+    n = dist.get_world_size(group)
+    return gather_from_tp(x_BSD.transpose(0, 1), n * x_BSD.shape[1], group).transpose(0, 1).contiguous()
+
+
+def in_split_layers(name: str) -> bool:
+    """Whether module `name` of a model belongs to the main layers, which sequence parallelism
+    splits (the MTP modules, the embedding and the head see whole sequences)."""
+    return name.startswith("layers.")
 
 
 class _Regather:
@@ -190,7 +181,7 @@ def token_reducer(group):
         if t.requires_grad:
             return reduce_from_tp(t, group)
         t = t.clone()
-        comm.links.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        links.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
     return reduce
 
@@ -206,7 +197,7 @@ def apply_sequence_parallel(model: nn.Module, group) -> list[str]:
 
     partial = []
     for name, module in model.named_modules():
-        if not name.startswith("layers."):
+        if not in_split_layers(name):
             continue
         if isinstance(module, TransformerBlock):
             for child, sub in module.named_children():

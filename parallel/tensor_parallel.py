@@ -34,7 +34,8 @@ from moe.attention import GQA, MLA
 from moe.layers import SwiGLU
 from parallel.layout import Shard
 from parallel.method_wrap import wrap_outer
-from parallel.sequence_parallel import apply_sequence_parallel, region_input, scatter_rows, scatter_sequence
+from parallel.sequence_parallel import (apply_sequence_parallel, in_split_layers, region_input, scatter_rows,
+                                        scatter_sequence)
 from parallel.tp_comm import copy_to_tp, reduce_from_tp
 
 COLUMN, ROW = 0, 1  # the dimension of nn.Linear.weight ([out, in]) that is split
@@ -121,7 +122,7 @@ def apply_tensor_parallel(model: nn.Module, group, rank: int, tp: int, sequence_
             plan.shards[f"{prefix}{child}.weight"] = (_split_linear(getattr(module, child), dim, rank, tp),)
         owned = {id(p) for sub in replicated for p in sub.parameters()}
         plan.partial += [f"{prefix}{n}" for n, p in module.named_parameters() if id(p) in owned]
-        _make_region(module, group, sequence_parallel and name.startswith("layers."))
+        _make_region(module, group, sequence_parallel and in_split_layers(name))
     if sequence_parallel:
         plan.partial += apply_sequence_parallel(model, group)
     return plan

@@ -28,15 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel import emulated_links as links
-from parallel.layout import Shard
+from parallel.layout import Shard, take_shard
 from parallel.tp_comm import copy_to_tp, reduce_from_tp
 
 IGNORE_INDEX = -100  # F.cross_entropy's default
 
 
-def _split_rows(weight: nn.Parameter, rank: int, tp: int) -> nn.Parameter:
-    rows = weight.shape[0] // tp
-    return nn.Parameter(weight.detach()[rank * rows:(rank + 1) * rows].clone(), requires_grad=weight.requires_grad)
+def _split_rows(weight: nn.Parameter, shard: Shard) -> nn.Parameter:
+    return nn.Parameter(take_shard(weight.detach(), (shard,)).clone(), requires_grad=weight.requires_grad)
 
 
 def _embedding_forward(embed: nn.Embedding, lo: int, group):
@@ -92,16 +91,16 @@ def apply_vocab_parallel(model: nn.Module, group, rank: int, tp: int) -> dict[st
     shards: dict[str, tuple[Shard, ...]] = {}
     embed, head = getattr(model, "embed", None), getattr(model, "head", None)
     vocab = model.cfg.vocab_size
-    lo = rank * (vocab // tp)
+    lo, rows = rank * (vocab // tp), Shard(0, rank, tp)  # vocabulary rows of the weights
     if embed is not None:
-        embed.weight = _split_rows(embed.weight, rank, tp)
+        embed.weight = _split_rows(embed.weight, rows)
         embed.num_embeddings = vocab // tp
         embed.forward = _embedding_forward(embed, lo, group)
-        shards["embed.weight"] = (Shard(0, rank, tp),)
+        shards["embed.weight"] = (rows,)
     if head is not None:
-        head.weight = _split_rows(head.weight, rank, tp)
+        head.weight = _split_rows(head.weight, rows)
         head.out_features = vocab // tp
-        shards["head.weight"] = (Shard(0, rank, tp),)
+        shards["head.weight"] = (rows,)
     # a pipeline rank's virtual stages are ModelParts of their own, not registered as children
     for part in [*model.modules(), *getattr(model, "chunks", [])]:
         if isinstance(part, ModelParts):

@@ -114,3 +114,19 @@ def test_bad_sequence_parallel_recipe_is_one_clear_error(overrides, message):
         recipe = load_recipe(ROOT / "configs/recipes/tiny_cpu.yaml", overrides)
         check_runtime_support(recipe.parallel)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def _uneven_split_message() -> str:
+    import torch.distributed as dist
+    from parallel.sequence_parallel import split_sequence
+    try:
+        split_sequence(torch.zeros(1, 5, 4), dist.group.WORLD)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_runtime_refuses_a_sequence_that_does_not_split_evenly():
+    """The recipe check aside (above), the runtime never drops positions silently."""
+    msg = run_distributed(_uneven_split_message, 2)[0]
+    assert msg.startswith("sequence parallelism: a sequence of 5 positions does not split evenly over tp=2"), msg

@@ -58,11 +58,12 @@ def test_split_cross_entropy_matches_torch(dtype):
 
 def _embedding_rank():
     import torch.distributed as dist
+    from parallel.layout import Shard
     from parallel.vocab_parallel import _embedding_forward, _split_rows
     rank, tp = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     embed = torch.nn.Embedding(V, D)
-    embed.weight = _split_rows(embed.weight, rank, tp)
+    embed.weight = _split_rows(embed.weight, Shard(0, rank, tp))
     embed.num_embeddings = V // tp
     embed.forward = _embedding_forward(embed, rank * V // tp, dist.group.WORLD)
     tokens = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(5))
