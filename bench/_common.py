@@ -35,6 +35,22 @@ def add_size_args(ap, steps: int = 10, warmup: int = 2, topk: bool = True) -> No
         ap.add_argument("--topk", type=int, default=4)
 
 
+def add_link_args(ap, intra_bw: float, inter_bw: float) -> None:
+    """The emulated links' options (parallel.emulate_links): bandwidth and latency per link class."""
+    ap.add_argument("--intra-bw", type=float, default=intra_bw, help=f"GB/s inside a node (default {intra_bw})")
+    ap.add_argument("--inter-bw", type=float, default=inter_bw, help=f"GB/s between nodes (default {inter_bw})")
+    ap.add_argument("--intra-lat", type=float, default=10.0, help="us per step inside a node")
+    ap.add_argument("--inter-lat", type=float, default=50.0, help="us per step between nodes")
+
+
+def link_settings(args):
+    """The `EmulateLinks` of `add_link_args`'s options, and their one-line description."""
+    from parallel.config import EmulateLinks, LinkSpec
+    links = EmulateLinks(intra_node=LinkSpec(args.intra_lat, args.intra_bw), inter_node=LinkSpec(args.inter_lat, args.inter_bw))
+    return links, (f"emulated links: intra {args.intra_bw} GB/s {args.intra_lat} us, inter {args.inter_bw} GB/s "
+                   f"{args.inter_lat} us")
+
+
 def model_config(hidden: int, seq: int, experts: int, topk: int, expert_ffn: int = 0):
     """The benchmarks' MoE: 3 layers (1 dense, 2 MoE with a shared expert), MLA attention, no
     auxiliary loss (routing is left as it comes). `expert_ffn` 0: the hidden size."""

@@ -20,7 +20,8 @@ import statistics
 
 import torch
 
-from _common import add_size_args, build_run, init_rank, machine, model_config, rank_tokens, spawn, timed_step
+from _common import (add_link_args, add_size_args, build_run, init_rank, link_settings, machine, model_config,
+                     rank_tokens, spawn, timed_step)
 
 CONFIGS = [  # (label, dispatcher, grad_bucket_mb, overlap)
     ("alltoall, no overlap", "alltoall", 0.0, False),
@@ -35,11 +36,11 @@ def _rank(rank: int, world: int, store: str, args, queue) -> None:
     import torch.distributed as dist
 
     from parallel import emulated_links
-    from parallel.config import EmulateLinks, LinkSpec, ParallelConfig
+    from parallel.config import ParallelConfig
 
     init_rank(rank, world, store)
     cfg = model_config(args.hidden, args.seq, args.experts, args.topk)
-    links = EmulateLinks(intra_node=LinkSpec(args.intra_lat, args.intra_bw), inter_node=LinkSpec(args.inter_lat, args.inter_bw))
+    links, _ = link_settings(args)
     runs = [(label, *build_run(cfg, ParallelConfig(ep=world, dispatcher=dispatcher, devices_per_node=args.devices_per_node,
                                                    emulate_links=links, grad_bucket_mb=bucket_mb,
                                                    overlap=overlap)), [])
@@ -66,17 +67,13 @@ def _rank(rank: int, world: int, store: str, args, queue) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_args(ap)
-    ap.add_argument("--intra-bw", type=float, default=0.04, help="GB/s inside a node (default 0.04)")
-    ap.add_argument("--inter-bw", type=float, default=0.005, help="GB/s between nodes (default 0.005: 8x slower)")
-    ap.add_argument("--intra-lat", type=float, default=10.0, help="us per step inside a node")
-    ap.add_argument("--inter-lat", type=float, default=50.0, help="us per step between nodes")
+    add_link_args(ap, 0.04, 0.005)
     args = ap.parse_args()
     results = spawn(_rank, args.world, args)
 
     print(f"{machine()}; "
           f"{args.world} ranks = ep {args.world} over {args.world // args.devices_per_node} nodes x "
-          f"{args.devices_per_node}; emulated links: intra {args.intra_bw} GB/s {args.intra_lat} us, inter "
-          f"{args.inter_bw} GB/s {args.inter_lat} us; per rank {args.batch}x{args.seq} tokens, D={args.hidden}, "
+          f"{args.devices_per_node}; {link_settings(args)[1]}; per rank {args.batch}x{args.seq} tokens, D={args.hidden}, "
           f"E={args.experts}, top-{args.topk}, 2 MoE layers; medians of {args.steps} steps (mean over ranks)")
     base = statistics.median(r[0] for r in results[0][1])
     print("| configuration | step time | vs no overlap | emulated comm | hidden | exposed | hidden fraction "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +38,7 @@ class CommStats:
 
     def __init__(self, rank: int, node_of: Callable[[int], int]):
         self.rank, self.node_of = rank, node_of
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
@@ -46,13 +48,21 @@ class CommStats:
 
     def record(self, peers: list[int], bytes_per_peer: list[int]) -> None:
         me = self.node_of(self.rank)
+        intra = inter = 0
         for peer, nbytes in zip(peers, bytes_per_peer):
             if peer == self.rank:
                 continue  # a copy to oneself crosses no link
             if self.node_of(peer) == me:
-                self.intra_bytes += int(nbytes)
+                intra += int(nbytes)
             else:
-                self.inter_bytes += int(nbytes)
+                inter += int(nbytes)
+        with self._lock:  # a backward lane (parallel/lanes.py) records from its own thread
+            self.intra_bytes += intra
+            self.inter_bytes += inter
+
+    def add_tokens(self, n: int) -> None:
+        with self._lock:
+            self.tokens_received += int(n)
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,6 +69,8 @@ class ParallelConfig:
     rank_order: str = DEFAULT_RANK_ORDER
     zero1: bool = False  # shard optimizer states over data-parallel ranks
     overlap: bool = True  # run the shared expert while the dispatch communication is in flight
+    # run a micro-batch's backward beside a later one's forward (parallel/fb_overlap.py, pipeline_overlap.py)
+    fb_overlap: bool = False
     vpp: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
     # real layers of each virtual stage (index chunk * pp + rank, pp * vpp entries, summing to
     # model.num_layers); None: equal stages, model.noop_layers padding the depth
@@ -108,6 +110,9 @@ class ParallelConfig:
             what = "tp_extend_ep" if self.tp_extend_ep else f"etp = {self.expert_tp}"
             raise ConfigError(f"{p}rank_order: {self.rank_order} puts tp outermost, which needs expert TP to be the "
                               f"TP group (etp = tp); {what} needs tp innermost: use tp-cp-dp or tp-dp-cp")
+        if self.fb_overlap and self.vpp > 1:
+            raise ConfigError(f"{p}fb_overlap: cross-micro-batch overlap pairs micro-batches of one stage per rank; "
+                              f"interleaved stages (vpp = {self.vpp}) are not supported yet: set vpp: 1 or fb_overlap: false")
         if self.grad_bucket_mb < 0:
             raise ConfigError(f"{p}grad_bucket_mb: must be >= 0 (0 reduces after backward), got {self.grad_bucket_mb}")
         if self.emulate_links is not None:
@@ -236,6 +241,10 @@ def check_pipeline(cfg: ParallelConfig, model: "ModelConfig", micro_batches: Opt
                               f"{model.noop_layers}) do not split into pp*vpp={chunks} equal stages; set "
                               f"model.noop_layers to {model.noop_layers + -total % chunks}, list the layers of each "
                               f"stage in {p}pp_stage_layers, or change pp/vpp")
+    if cfg.fb_overlap and micro_batches is not None and micro_batches < 2:
+        raise ConfigError(f"train.grad_accum: {p}fb_overlap runs a micro-batch's backward beside the next one's "
+                          f"forward, so it needs at least 2 micro-batches per step, got {micro_batches}; raise "
+                          f"train.grad_accum or set {p}fb_overlap: false")
     if cfg.pp > 1 and micro_batches is not None:
         if micro_batches < cfg.pp:
             raise ConfigError(f"train.grad_accum: {micro_batches} micro-batches per step are fewer than the pp="

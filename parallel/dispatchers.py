@@ -97,7 +97,7 @@ class AllToAllDispatcher(Combining):
         in_splits, out_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
         recv = all_to_all(x_ND, out_splits, in_splits, self.group, self.stats, async_op=self.overlap)
         if self.stats is not None:
-            self.stats.tokens_received += sum(out_splits)
+            self.stats.add_tokens(sum(out_splits))
         return _A2APending(_started(recv, self.overlap), recv_SE, state, weights_TK, in_splits, out_splits)
 
     def combine_start(self, y_ND: Tensor, pending: _A2APending) -> Then:
@@ -120,7 +120,7 @@ class _AGPending:
             local = torch.where((idx_all >= 0) & (local >= 0) & (local < d.num_local_experts), local, -1)
             x_ND, counts, self.state = d.kernels.permute(x_all, local, d.num_local_experts)
             if d.stats is not None:
-                d.stats.tokens_received += x_ND.shape[0]
+                d.stats.add_tokens(x_ND.shape[0])
             self._result = (x_ND, counts)
         return self._result
 

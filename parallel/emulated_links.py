@@ -25,15 +25,18 @@ the step's exposure metrics; `install(None, ...)` keeps only that, `uninstall()`
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from parallel import lanes
 from parallel import link_model as LM
 from parallel.config import EmulateLinks
 
+_LEDGER_LOCK = threading.Lock()
 _SPLIT_STEPS = {"counts": 1}  # latency steps of an all-to-all kind other than ceil(log2 n)
 
 
@@ -48,6 +51,10 @@ class Exposure:
     by_kind: dict = field(default_factory=dict)  # kind -> [hidden_s, exposed_s]
 
     def add(self, kind: str, hidden: float, exposed: float, charged: float) -> None:
+        with _LEDGER_LOCK:  # the backward lane (parallel/lanes.py) waits on its own thread
+            self._add(kind, hidden, exposed, charged)
+
+    def _add(self, kind: str, hidden: float, exposed: float, charged: float) -> None:
         self.hidden_s += hidden
         self.exposed_s += exposed
         self.charged_s += charged
@@ -63,6 +70,17 @@ class _State:
     node_of: Callable[[int], int]
     rank: int
     ledger: Exposure = field(default_factory=Exposure)
+    busy_until: list = field(default_factory=lambda: [0.0, 0.0])  # per lane: its last collective's deadline
+
+    def occupy(self, issued: float, charged: float) -> float:
+        """The deadline of a collective issued now: the two lanes (parallel/lanes.py) share the links,
+        so one issued while the other lane's is on the wire starts after it; collectives of one lane
+        in flight together do not queue (as before lanes, and as the simulator costs them)."""
+        lane = 1 if lanes.on_backward_lane() else 0
+        with _LEDGER_LOCK:
+            deadline = max(issued, self.busy_until[1 - lane]) + charged
+            self.busy_until[lane] = max(self.busy_until[lane], deadline)
+        return deadline
 
 
 _state: Optional[_State] = None
@@ -135,12 +153,61 @@ def p2p_time(nbytes: float, a: int, b: int, node_of, links: EmulateLinks) -> flo
 
 # --- delayed, timed work -----------------------------------------------------------------------
 
+class _Stalls:
+    """Seconds during which every running lane of this rank was blocked in a wait: the step's
+    exposed communication. One lane (the usual case) is stalled whenever it waits; with
+    cross-micro-batch overlap (parallel/fb_overlap.py) a backward lane runs beside the main one, and
+    a wait hidden by the other lane's compute is not exposed."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running, self.waiting = 1, 0
+        self.total, self.since = 0.0, None
+        self.lane_changes = 0
+
+    def snapshot(self) -> tuple[Optional[int], float]:
+        """(the lane-change count if this lane runs alone now, else None; stalled seconds so far)."""
+        with self.lock:
+            alone = self.lane_changes if self.running == 1 else None
+            return alone, self.total + (time.monotonic() - self.since if self.since is not None else 0.0)
+
+    def _change(self, d_running: int, d_waiting: int) -> None:
+        with self.lock:
+            self.lane_changes += d_running != 0
+            now = time.monotonic()
+            if self.since is not None:
+                self.total += now - self.since
+            self.running += d_running
+            self.waiting += d_waiting
+            self.since = now if self.waiting >= self.running > 0 else None
+
+    def read(self) -> float:
+        with self.lock:
+            return self.total + (time.monotonic() - self.since if self.since is not None else 0.0)
+
+
+_stalls = _Stalls()
+
+
+def lane_started() -> None:
+    """A second lane (a backward on a worker thread) now runs beside this one (fb_overlap.py)."""
+    _stalls._change(+1, 0)
+
+
+def lane_stopped() -> None:
+    """A lane stopped running (finished, or blocked on something other than a collective)."""
+    _stalls._change(-1, 0)
+
+
 class _Timed:
     """Wraps a gloo Work: `wait()` waits for it, sleeps to the emulated deadline, and records how
-    long it was in flight before the wait (hidden) and how long the wait blocked (exposed)."""
+    long it was in flight while other work ran (hidden) and how long every lane of the rank was
+    blocked while waiting for it (exposed)."""
 
-    def __init__(self, work, kind: str, issued: float, charged: float, state: _State):
+    def __init__(self, work, kind: str, issued: float, charged: float, state: _State, on_arrival: bool = False):
         self.work, self.kind, self.issued, self.charged, self.state = work, kind, issued, charged, state
+        self.deadline = issued + charged  # later when the links are busy with the other lane's work
+        self.on_arrival = on_arrival  # a receive: the link time runs from when the message arrived
         self.done_at: Optional[float] = None  # when gloo really finished, where its future says
         self._waited = False
         try:
@@ -155,21 +222,31 @@ class _Timed:
         if self._waited:
             return True
         self._waited = True
-        start = self.issued if at_issue else time.monotonic()  # synchronous: all of it is exposed
-        self.work.wait()
-        deadline = self.issued + self.charged
-        now = time.monotonic()
-        if deadline > now:
-            time.sleep(deadline - now)  # the emulated link is still busy: sleep, never spin
+        start = self.issued if at_issue else time.monotonic()  # synchronous: nothing ran in between
+        alone, stalled_before = _stalls.snapshot()
+        _stalls._change(0, +1)
+        try:
+            self.work.wait()
             now = time.monotonic()
+            deadline = (self.done_at or now) + self.charged if self.on_arrival else self.deadline
+            if deadline > now:
+                time.sleep(deadline - now)  # the emulated link is still busy: sleep, never spin
+                now = time.monotonic()
+        finally:
+            _stalls._change(0, -1)
         done = max(deadline, self.done_at if self.done_at is not None else self.issued)
         hidden = max(0.0, min(start, done) - self.issued)
+        if alone is not None and _stalls.snapshot()[0] == alone:  # one lane throughout: the wait blocked it all
+            exposed = now - start
+        else:  # another lane ran during the wait: exposed while every lane was blocked
+            exposed = _stalls.read() - stalled_before
+            hidden += max(0.0, min(now, done) - max(start, self.issued) - exposed)
         if self.state is _state:  # a run installed since then has its own ledger
-            self.state.ledger.add(self.kind, hidden, now - start, self.charged)
+            self.state.ledger.add(self.kind, hidden, exposed, self.charged)
         return True
 
     def is_completed(self) -> bool:
-        return self._waited or (self.work.is_completed() and time.monotonic() >= self.issued + self.charged)
+        return self._waited or (self.work.is_completed() and time.monotonic() >= self.deadline)
 
 
 def _issue(kind: str, launch: Callable, cost: Callable[[_State], float], async_op: bool):
@@ -178,7 +255,10 @@ def _issue(kind: str, launch: Callable, cost: Callable[[_State], float], async_o
         return launch(async_op)
     issued = time.monotonic()
     work = launch(True)
-    timed = _Timed(work, kind, issued, cost(state) if state.links is not None else 0.0, state)
+    charged = cost(state) if state.links is not None else 0.0
+    timed = _Timed(work, kind, issued, charged, state)
+    if charged > 0:
+        timed.deadline = state.occupy(issued, charged)
     if async_op:
         return timed
     timed.wait(at_issue=True)
@@ -198,6 +278,7 @@ def _nbytes(t) -> int:
 
 
 def all_to_all_single(out, inp, out_splits=None, in_splits=None, group=None, async_op=False, kind="all_to_all"):
+    group = lanes.route(group)
     def cost(s: _State) -> float:
         ranks = _ranks(group)
         n = len(ranks)
@@ -211,18 +292,42 @@ def all_to_all_single(out, inp, out_splits=None, in_splits=None, group=None, asy
 
 
 def all_gather_single(out, inp, group=None, async_op=False):
+    group = lanes.route(group)
     return _issue("all_gather", lambda a: _all_gather_single(out, inp, group=group, async_op=a),
                   lambda s: ring_time(_nbytes(out), _ranks(group), s.node_of, s.links), async_op)
 
 
 def reduce_scatter_single(out, inp, group=None, async_op=False):
+    group = lanes.route(group)
     return _issue("reduce_scatter", lambda a: _reduce_scatter_single(out, inp, group=group, async_op=a),
                   lambda s: ring_time(_nbytes(inp), _ranks(group), s.node_of, s.links), async_op)
 
 
 def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False, kind="all_reduce"):
+    group = lanes.route(group)
     return _issue(kind, lambda a: dist.all_reduce(t, op=op, group=group, async_op=a),
                   lambda s: ring_time(_nbytes(t), _ranks(group), s.node_of, s.links, passes=2), async_op)
+
+
+def send(t, group_dst: int, group):
+    """Start sending `t` to group rank `group_dst` (a pipeline hand-off, parallel/pipeline_overlap.py).
+    The sender is not held: the link time is charged where the message is received (`recv`)."""
+    group = lanes.route(group)
+    return _issue("p2p", lambda _a: dist.isend(t, group_dst=group_dst, group=group), lambda s: 0.0, True)
+
+
+def recv(t, group_src: int, group):
+    """Start receiving into `t` from group rank `group_src`; `wait()` returns the link time after the
+    message arrived (the whole message crossing the link between the two ranks)."""
+    group = lanes.route(group)
+    state = _state
+    if state is None:
+        return dist.irecv(t, group_src=group_src, group=group)
+    issued = time.monotonic()
+    work = dist.irecv(t, group_src=group_src, group=group)
+    peer = dist.get_global_rank(group, group_src)
+    charged = p2p_time(_nbytes(t), state.rank, peer, state.node_of, state.links) if state.links is not None else 0.0
+    return _Timed(work, "p2p", issued, charged, state, on_arrival=True)
 
 
 def _timed_batch_p2p(original):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.layer import GroupedExperts, MoELayer
+from parallel import lanes
 from parallel.comm import CommStats
 from parallel.dispatchers import make_dispatcher
 from parallel.layout import Shard, take_shard
@@ -52,7 +53,7 @@ def expert_shards(meshes: Meshes) -> dict[str, tuple[Shard, ...]]:
 
 def _sum_over(group, copies: int = 1):
     def reduce(counts: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=lanes.route(group))
         return counts.div_(copies) if copies > 1 else counts  # exact: `copies` equal integer terms
     return reduce
 

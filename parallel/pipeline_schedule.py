@@ -39,16 +39,24 @@ def _last_stage_loss(output: torch.Tensor, _target) -> torch.Tensor:
 
 class PipelineRunner:
     def __init__(self, model: PipelineModel, pp_group, micro_batches: int, micro_batch_size: int,
-                 seq_len: int, device: str = "cpu", seq_shards: int = 1):
+                 seq_len: int, device: str = "cpu", seq_shards: int = 1, fb_overlap: bool = False):
         """`seq_shards`: sequence parallelism splits the activations between stages over that many
-        TP ranks (each sends its positions to the same TP rank of the next stage)."""
+        TP ranks (each sends its positions to the same TP rank of the next stage). `fb_overlap`:
+        run each backward beside a later forward (parallel/pipeline_overlap.py) instead of 1F1B."""
         self.model, self.group, self.m = model, pp_group, micro_batches
         self.seq_shards = seq_shards
         self.device = torch.device(device)
         cfg, plan = model.cfg, model.plan
         act = (micro_batch_size, seq_len // seq_shards, cfg.hidden_size)
         self.act_bytes = micro_batch_size * seq_len // seq_shards * cfg.hidden_size * 4  # fp32 activations
-        self.stages = []
+        self.stages, self.overlapped = [], None
+        if fb_overlap:
+            from parallel.pipeline_overlap import OverlappedPipeline
+            assert plan.vpp == 1, "fb_overlap with vpp > 1 is refused by parallel/config.py"
+            self.overlapped = OverlappedPipeline(model.chunks[0], pp_group, plan.pp, micro_batches, act, self.device, self)
+            self.stages = [None]
+            self.reset_timers()
+            return
         for chunk in model.chunks:
             inp = (torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device=device) if chunk.is_first
                    else torch.empty(act, device=device, requires_grad=True))
@@ -111,8 +119,12 @@ class PipelineRunner:
             chunk.reset_step()
         args = (tokens,) if model.has_first else ()
         start = time.perf_counter()
-        with autocast:
-            self.schedule.step(*args, target=labels, return_outputs=False, **kwargs)
+        if self.overlapped is not None:
+            self.overlapped.step([{k: v.to(device) if v is not None else None for k, v in mb.items()} for mb in mbs],
+                                 autocast)
+        else:
+            with autocast:
+                self.schedule.step(*args, target=labels, return_outputs=False, **kwargs)
         self.schedule_s += time.perf_counter() - start
         return self._gather(model.chunks)
 
@@ -147,7 +159,8 @@ class PipelineRunner:
         for chunk, f, b in zip(self.model.chunks, self.fwd_s, self.bwd_s):
             per_stage[chunk.stage], per_stage[plan.num_stages + chunk.stage] = f, b
         busy = sum(self.fwd_s) + sum(self.bwd_s)
-        per_stage[-2] = 1.0 - busy / self.schedule_s if self.schedule_s > 0 else 0.0
+        # with fb_overlap a forward and a backward may run at once: the busy time can exceed the wall time
+        per_stage[-2] = max(0.0, 1.0 - busy / self.schedule_s) if self.schedule_s > 0 else 0.0
         per_stage[-1] = self.p2p_bytes
         buf = per_stage.to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)

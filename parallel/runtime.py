@@ -10,7 +10,8 @@ sits in the full one (for checkpoints and tests);
 Pipeline parallelism: `build_model` builds only this rank's stages (parallel/pipeline.py) where
 pp > 1, the whole model otherwise; `attach_pipeline` then creates the schedule, and
 `forward_backward` / `eval_lm_loss` replace the trainer's single-process micro-batch loop and
-evaluation (both None without a pipeline).
+evaluation (both None without a pipeline). Without one, `parallel.fb_overlap` gives the trainer's
+loop a `backward_lane` (parallel/fb_overlap.py) and the backward thread its own process groups.
 
 `LocalRuntime` is the same interface for a single process (world size 1): no process group, no
 split parameters, the gradient norm and clipping of one process, identity averages. The trainer
@@ -32,6 +33,8 @@ from parallel.comm import CommStats
 from parallel.config import ParallelConfig, check_pipeline, check_runtime_support
 from parallel.data_parallel import GradReducer, local_grad_norm
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.fb_overlap import BackwardLane
+from parallel import lanes
 from parallel.layout import Layout, Shard
 from parallel.mesh import Meshes
 from parallel.metrics import step_metrics
@@ -74,6 +77,7 @@ class ParallelRuntime:
     tp_partial_names: list[str] = field(default_factory=list)  # replicated inside a TP region
     grad_reducer: Optional[GradReducer] = None
     runner: Optional["PipelineRunner"] = None
+    backward_lane: Optional[BackwardLane] = None  # fb_overlap: backwards beside the next forwards
 
     @classmethod
     def setup(cls, cfg: ParallelConfig, model: ModelConfig, device: str = "cpu",
@@ -84,6 +88,8 @@ class ParallelRuntime:
         layout = validate_layout(cfg, model, dist.get_world_size(), micro_batches)
         nodes = cfg.dispatcher == "hierarchical" and layout.ep > 1
         meshes = Meshes.build(layout, device, nodes=nodes)
+        if cfg.fb_overlap:
+            lanes.build_twins(meshes)  # the backward thread's own groups (collective)
         # Every runtime collective is timed (exposure metrics), and delayed when links are emulated.
         emulated_links.install(cfg.emulate_links, layout.node_of, dist.get_rank())
         return cls(cfg, layout, meshes, CommStats(dist.get_rank(), layout.node_of), device)
@@ -120,12 +126,14 @@ class ParallelRuntime:
         Also tells the overlapped gradient reduction how many backward passes make one step."""
         if self.grad_reducer is not None:
             self.grad_reducer.set_micro_batches(micro_batches)
+        if self.cfg.fb_overlap and not isinstance(model, PipelineModel):
+            self.backward_lane = BackwardLane()
         if isinstance(model, PipelineModel):
             from parallel.pipeline_schedule import PipelineRunner
             emulated_links.patch_pipeline_p2p()
             sp = self.layout.tp if self.cfg.sequence_parallel else 1
             self.runner = PipelineRunner(model, self.meshes.pp_group, micro_batches, micro_batch_size,
-                                         seq_len, self.device, seq_shards=sp)
+                                         seq_len, self.device, seq_shards=sp, fb_overlap=self.cfg.fb_overlap)
 
     @property
     def forward_backward(self):
@@ -166,6 +174,8 @@ class ParallelRuntime:
         out.update(emulated_links.exposure_metrics(self.device))
         if self.runner is not None:
             out.update(self.runner.step_metrics())
+        if self.backward_lane is not None:
+            out.update(self.backward_lane.take_metrics())  # this rank's (rank 0 logs)
         return out
 
     def barrier(self) -> None:
@@ -198,6 +208,7 @@ class LocalRuntime:
     dp_size: int = 1
     pp_rank: int = 0
     forward_backward = None  # the trainer's own micro-batch loop
+    backward_lane = None  # one process: no exchange for a backward to hide behind
     eval_lm_loss = None
 
     @classmethod

@@ -286,6 +286,8 @@ class Simulator:
             # blocking hand-offs sit on the critical path once each way per micro-batch
             h = 2 * p2p
             finish = [m * (pipe.w_st_max + h) + (pipe.w_w_total + h * p - pipe.w_w_max - h) / v] * p
+            if p == 1:  # the first forward and the last backward are warm-up / cool-down (schedule.py)
+                finish = [(m - 1) * pipe.w_st_max + pipe.w_w_max]
             fkey = ("flight", p, v, m)
             flights = self._cache.get(fkey)
             if flights is None:
@@ -306,6 +308,8 @@ class Simulator:
             dps[r] = (grad, gather, opt)
             ends[r] = finish[r] + grad + opt + gather
             act = tl.peak_live[r] if tl is not None else sum(n * a for n, a in zip(flights[r], pipe.act[g]))
+            if p == 1 and m > 1 and (lay.fb_overlap or self.opt.fb_overlap):
+                act *= 2  # parallel/fb_overlap.py: a forward runs while the last backward holds its activations
             transient = (pipe.act_full[g] if full else 0.0) / per_chunk + window * pipe.swapped[g] / per_chunk
             if r == p - 1:  # the fp32 logits' gradient (vocab-parallel: this rank's slice)
                 transient += logits

@@ -9,7 +9,8 @@ with its overlap rules:
   expert's up-projections and the combine its activation + down-projection, in forward and (their
   adjoints) in backward; with `fb_overlap` (forward/backward overlap across micro-batches) the
   steady-phase exchange hides behind the paired micro-batch's compute and half of it in warm-up
-  and cool-down. The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
+  and cool-down (`SimOptions.fb_overlap`, or the layout's `fb_overlap`: the runtime's pp = 1 pairing,
+  parallel/fb_overlap.py). The busiest expert rank sets the pace (`expert_imbalance` scales its tokens).
 - CP (ring exchange of K and V) hides behind core attention.
 - Activation swapping hides behind the layer's compute.
 """
@@ -129,7 +130,7 @@ class LayerCosts:
         key = (kind, lay.tp, lay.cp, d.ep, d.etp, lay.micro_batch_size, lay.seq_len, lay.recompute, lay.swap,
                M.policy_key(lay.memory_policy) if lay.memory_policy else None, lay.dispatcher,
                d.devices_per_node, lay.sequence_parallel, lay.overlap, tuple(sorted(d.strides.items())),
-               lay.vocab_parallel)
+               lay.vocab_parallel, lay.fb_overlap)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._layer_cost(kind, lay, d)
@@ -239,7 +240,7 @@ class LayerCosts:
         if lay.recompute == "full":
             exp_b += exp_f
         pcost.ep_f, pcost.ep_b = exp_f, exp_b
-        if o.fb_overlap:
+        if o.fb_overlap or lay.fb_overlap:  # the option (quoted recipes) or the runtime's setting
             # steady phase: this micro-batch's exchange hides behind the paired op's compute
             pcost.ep_f_st = max(0.0, exp_f - pcost.b)
             pcost.ep_b_st = max(0.0, exp_b - pcost.f)

@@ -3,7 +3,8 @@ event-level timeline that can be written as Chrome-trace JSON (open it in Perfet
 
 Operation order on pipeline rank r of p, with v chunks per rank and m micro-batches (Megatron's):
 - warm-up forwards: p - r - 1 for 1F1B; (p - r - 1) * 2 + (v - 1) * p for interleaved (capped at m*v);
-- steady phase: one forward, one backward, alternating; then the cool-down backwards.
+- steady phase: one forward, one backward, alternating; then the cool-down backwards (with p = 1,
+  the first forward counts as warm-up and the last backward as cool-down: they have no partner).
 - The k-th forward on a rank runs chunk (k // p) % v of micro-batch (k // (p v)) p + k % p; the k-th
   backward runs chunk v - 1 - (k // p) % v of the same micro-batch formula.
 Virtual stage c * p + r holds chunk c of rank r; a micro-batch flows through virtual stages 0..p v - 1
@@ -50,6 +51,10 @@ def rank_ops(p: int, v: int, m: int, rank: int) -> list[tuple[str, int, int, str
         ops.append(("B", *backward_slot(b, p, v), "steady"))
         f, b = f + 1, b + 1
     ops += [("B", *backward_slot(k, p, v), "cooldown") for k in range(b, total)]
+    if p == 1 and len(ops) > 1:
+        # without a pipeline, forward/backward overlap pairs each backward with the next forward
+        # (parallel/fb_overlap.py): the first forward and the last backward have no partner
+        ops[0], ops[-1] = (*ops[0][:3], "warmup"), (*ops[-1][:3], "cooldown")
     return ops
 
 

@@ -74,3 +74,15 @@ def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> list:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the relative difference the equivalence tests bound."""
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def assert_same_training(got: dict, want: dict, tol: float, what: str) -> None:
+    """Two runs' per-step "loss" and "norm" lists and final "params" agree within `tol` relative."""
+    for step, (a, b) in enumerate(zip(got["loss"], want["loss"])):
+        assert abs(a - b) <= tol * abs(b), f"{what} step {step}: loss {a} vs {b}"
+    for step, (a, b) in enumerate(zip(got["norm"], want["norm"])):
+        assert abs(a - b) <= tol * abs(b), f"{what} step {step}: gradient norm {a} vs {b}"
+    assert len(got["loss"]) == len(want["loss"]) and len(got["norm"]) == len(want["norm"])
+    for name, p in want["params"].items():
+        rel = rel_diff(got["params"][name], p)
+        assert rel <= tol, f"{what}: final {name} differs by {rel:.2e} (relative)"

@@ -144,6 +144,15 @@ SCENARIOS = [
      dict(tie_embeddings=True)),
     ("pp2-ep2-edp2-zero1-bias", 8, dict(pp=2, ep=2, zero1=True),
      dict(expert_bias=True, bias_update_speed=0.05)),
+    # cross-micro-batch overlap (parallel/pipeline_overlap.py): forwards and backwards on two lanes
+    ("pp2-fb", 2, dict(pp=2, fb_overlap=True), {}),
+    ("pp2-stage-list-tied-fb", 2, dict(pp=2, pp_stage_layers=[1, 3], fb_overlap=True), dict(tie_embeddings=True)),
+    ("pp4-fb", 4, dict(pp=4, fb_overlap=True), {}),
+    ("pp2-ep2-fb", 4, dict(pp=2, ep=2, fb_overlap=True), {}),
+    ("pp2-ep2-fb-zero1", 4, dict(pp=2, ep=2, fb_overlap=True, zero1=True), {}),
+    ("pp2-tp2-sp-fb", 4, dict(pp=2, tp=2, sequence_parallel=True, fb_overlap=True), {}),
+    ("pp2-ep2-edp2-zero1-bias-fb", 8, dict(pp=2, ep=2, zero1=True, fb_overlap=True, dispatcher="hierarchical",
+                                           devices_per_node=2), dict(expert_bias=True, bias_update_speed=0.05)),
 ]
 
 
@@ -217,9 +226,11 @@ def _reference(model_key: tuple, dp: int, local_grad_norm) -> dict:
 
 
 def _rank_worker(scenarios: list) -> list:
+    from parallel import lanes
     from parallel.runtime import ParallelRuntime
     results = []
     for _, _, par, model_overrides in scenarios:
+        before = lanes.backward_collectives
         cfg = ModelConfig(**{**BASE, **model_overrides})
         rt = ParallelRuntime.setup(ParallelConfig(**par), cfg, micro_batches=M)
         torch.manual_seed(SEED)
@@ -234,6 +245,7 @@ def _rank_worker(scenarios: list) -> list:
         out = train(model, optimizer, micro_batches(rt.dp_size, rt.dp_rank), train_config(), rt.grad_reducer,
                     rt.forward_backward, metrics, rt.eval_lm_loss)
         out["shards"], out["dp"], out["param_bytes"] = rt.shards, rt.dp_size, model.param_bytes()
+        out["backward_lane_collectives"] = lanes.backward_collectives - before
         results.append(out)
     return results
 
@@ -277,16 +289,40 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
     assert max(o["param_bytes"] for o in ranks) < full
     if model_overrides.get("expert_bias"):
         assert any(b.abs().sum() > 0 for b in ref["bias"].values()), "bias updates must have happened"
+    # fb_overlap: the backwards ran on the backward lane (gradient hand-offs, exchanges on the twins)
+    assert all((o["backward_lane_collectives"] > 0) == bool(par.get("fb_overlap")) for o in ranks)
     m = ranks[0]["metrics"][-1]
     n_stages = par["pp"] * par.get("vpp", 1)
     assert len(m["pp_stage_forward_s"]) == n_stages and min(m["pp_stage_backward_s"]) > 0
-    assert 0 < m["pp_bubble_fraction"] < 1
+    # with fb_overlap a forward and a backward run at once, so busy time may exceed the wall time
+    assert (0 <= m["pp_bubble_fraction"] < 1) if par.get("fb_overlap") else (0 < m["pp_bubble_fraction"] < 1)
     # activations and their gradients across every stage boundary: M micro-batches, each way
     # (sequence parallelism: each TP rank sends its 1/tp of the positions)
     act = MBS * SEQ * BASE["hidden_size"] * 4 // (par.get("tp", 1) if par.get("sequence_parallel") else 1)
     assert m["pp_p2p_bytes"] == 2 * (n_stages - 1) * M * act * (world // par["pp"])
     print(f"{sid}: max relative difference: losses {worst['loss']:.1e}, first-step grads {worst['grad0']:.1e}, "
           f"final params {worst['param']:.1e}; bubble {m['pp_bubble_fraction']:.2f}")
+
+
+# the same layout with and without fb_overlap (parallel/pipeline_overlap.py vs torch's 1F1B)
+FB_PAIRS = {"pp2-fb": "pp2", "pp2-stage-list-tied-fb": "pp2-stage-list-tied", "pp4-fb": "pp4",
+            "pp2-ep2-fb": "pp2-ep2", "pp2-tp2-sp-fb": "pp2-tp2-sp"}
+FB_TOL = 1e-6
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("fb, plain", FB_PAIRS.items(), ids=list(FB_PAIRS))
+def test_fb_overlap_pipeline_matches_1f1b(fb, plain):
+    world = next(s[1] for s in SCENARIOS if s[0] == plain)
+    results = world_results(world)
+    for r, (a, b) in enumerate(zip(results[fb], results[plain])):
+        for step in range(STEPS):
+            for k in TERMS:
+                assert abs(a[k][step] - b[k][step]) <= FB_TOL * abs(b[k][step]), \
+                    f"rank {r} step {step}: {k} {a[k][step]} with fb_overlap vs {b[k][step]} with 1F1B"
+        for name, p in b["params"].items():
+            rel = rel_diff(a["params"][name], p)
+            assert rel <= FB_TOL, f"rank {r}: final {name} differs by {rel:.2e} with fb_overlap"
 
 
 # --- simulate validate: the pipeline cases' bubble ---

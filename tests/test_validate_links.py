@@ -52,3 +52,31 @@ def test_cases_load_with_links_and_predict_the_link_time():
     assert with_links - without <= 1.5 * hand + 0.05, (with_links, without, hand)
     by_name = {c.name: predict(cfg.model, hw, c)["step_time_s"] for c in cfg.cases}
     assert by_name["links-ep2-a2a-overlap"] <= by_name["links-ep2-a2a-no-overlap"]
+
+
+def test_fb_overlap_case_pairs_micro_batches():
+    """parallel.fb_overlap at pp = 1 (the runtime's pairing, parallel/fb_overlap.py): the three
+    steady pairs hide exchanges behind the partner's compute, the first forward and the last
+    backward have no partner, the closed form (the search's) agrees with the timeline, and two
+    micro-batches' activations are alive at once."""
+    from simulator.cost import Simulator
+    from simulator.schedule import rank_ops
+    from simulator.validate import case_profile, sim_options
+    cfg = load_validate_config(CONFIG)
+    hw = load_hardware("cpu_calibrated")
+    cases = {c.name: c for c in cfg.cases}
+    plain, fb = cases["links-ep2-a2a-ga4"], cases["links-ep2-a2a-ga4-fb"]
+    assert fb.parallel.fb_overlap and not plain.parallel.fb_overlap and fb.grad_accum == 4
+    est = {}
+    for c in (plain, fb):
+        sim = Simulator(cfg.model, case_profile(hw, c).with_emulated_links(c.parallel.emulate_links), c.world,
+                        sim_options(1.0, c.world))
+        lay = case_layout(c)
+        full, quick = sim.estimate(lay), sim.quick(lay)
+        assert abs(full.step_time - quick.step_time) <= 1e-9 * full.step_time, c.name
+        est[c.name] = full
+    a, b = est[plain.name], est[fb.name]
+    assert b.step_time < a.step_time
+    assert abs(b.memory["activations"] - 2 * a.memory["activations"]) <= 1e-6 * a.memory["activations"]
+    # the timeline: F0 warm-up, B3 cool-down, the rest steady
+    assert [op[3] for op in rank_ops(1, 1, 4, 0)] == ["warmup"] + ["steady"] * 6 + ["cooldown"]

@@ -153,6 +153,11 @@ class Recipe:
         self.memory.check_model(self.model, per_stage)
         self.placement.check_recipe(self.parallel, self.model, self.memory)
         check_sequence_parallel(self.parallel, self.model, self.train.seq_len)
+        if par.fb_overlap and ("layer" in self.memory.recompute or self.memory.full_layers):
+            what = "memory.recompute: layer" if "layer" in self.memory.recompute else "memory.full_layers"
+            raise ConfigError(f"{what}: recomputing whole layers re-runs their routers in backward, which "
+                              "parallel.fb_overlap runs beside the next forward's routers (shared counters); "
+                              "use finer recompute kinds or set parallel.fb_overlap: false")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten seq_len or raise max_seq_len")

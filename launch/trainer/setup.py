@@ -111,7 +111,7 @@ class TrainingContext:
         with self.memory.step(self.model) if self.memory is not None else contextlib.nullcontext():
             m = train_step(self.model, self.optimizer, self.train_it, t, self.device,
                            grad_reducer=self.runtime.grad_reducer, check_step=check_step,
-                           pipeline=self.runtime.forward_backward)
+                           pipeline=self.runtime.forward_backward, backward_lane=self.runtime.backward_lane)
         if self.memory is not None:
             m.update(self.memory.metrics(self.model, self.optimizer))
         # after the optimizer step, experts move with their state; a skipped step's routing counts

@@ -37,39 +37,52 @@ def autocast(device: str, dtype: str):
     return contextlib.nullcontext()
 
 
-def forward_backward(model, batches: Iterator[dict], t: TrainConfig, device: str) -> tuple[dict, list]:
+def forward_backward(model, batches: Iterator[dict], t: TrainConfig, device: str,
+                     backward_lane=None) -> tuple[dict, list]:
     """The single-process micro-batch loop: forward and backward of `grad_accum` micro-batches,
     gradients accumulated as for their mean loss. Returns the loss terms (means over the
-    micro-batches) and each MoE layer's routing load summed over them."""
+    micro-batches) and each MoE layer's routing load summed over them. `backward_lane`
+    (parallel/fb_overlap.py, with parallel.fb_overlap) runs each backward beside the next forward."""
     model.train()
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     moe_layers = model.moe_layers()
     load = [torch.zeros_like(m.routing_load()) for m in moe_layers]
-    for _ in range(t.grad_accum):
-        batch = next(batches)
-        with autocast(device, t.dtype):
-            out = model(batch["tokens"].to(device), batch["labels"].to(device),
-                        batch.get("loss_mask").to(device) if batch.get("loss_mask") is not None else None)
-        (out.loss / t.grad_accum).backward()
-        for key in sums:
-            sums[key] += float(getattr(out, key).detach()) / t.grad_accum
-        for acc, m in zip(load, moe_layers):
-            acc += m.routing_load()
+    try:
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            with autocast(device, t.dtype):
+                out = model(batch["tokens"].to(device), batch["labels"].to(device),
+                            batch.get("loss_mask").to(device) if batch.get("loss_mask") is not None else None)
+            for acc, m in zip(load, moe_layers):  # before the backward: recomputation may re-route
+                acc += m.routing_load()
+            if backward_lane is None:
+                (out.loss / t.grad_accum).backward()
+            else:
+                backward_lane.submit(out.loss / t.grad_accum)
+            for key in sums:
+                sums[key] += float(getattr(out, key).detach()) / t.grad_accum
+            del out
+        if backward_lane is not None:
+            backward_lane.finish()
+    finally:
+        if backward_lane is not None:
+            backward_lane.drain()
     return sums, load
 
 
 def train_step(model, optimizer, batches: Iterator[dict], t: TrainConfig, device: str,
                grad_reducer: Callable[..., float] = local_grad_norm,
                check_step: Optional[Callable[[float, float], Optional[str]]] = None,
-               pipeline: Optional[Callable] = None) -> dict:
+               pipeline: Optional[Callable] = None, backward_lane=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches. `grad_reducer(params, max_norm)` (the
     runtime's: `parallel/`) reduces gradients across data-parallel ranks, clips them and returns the
     global gradient norm. `check_step(loss, grad_norm)` (resilience.py) may veto the update: the
     gradients are then dropped and weights, optimizer state and router biases stay unchanged.
     `pipeline(batches, grad_accum, device, autocast)` (the runtime's pipeline schedule, when pp > 1)
-    replaces the single-process micro-batch loop and returns the same (loss terms, load)."""
+    replaces the single-process micro-batch loop and returns the same (loss terms, load);
+    `backward_lane` (the runtime's, with parallel.fb_overlap) overlaps that loop's micro-batches."""
     if pipeline is None:
-        sums, load = forward_backward(model, batches, t, device)
+        sums, load = forward_backward(model, batches, t, device, backward_lane)
     else:
         sums, load = pipeline(batches, t.grad_accum, device, autocast(device, t.dtype))
     grad_norm = grad_reducer([p for p in model.parameters() if p.grad is not None], t.grad_clip)
