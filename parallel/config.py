@@ -110,9 +110,6 @@ class ParallelConfig:
             what = "tp_extend_ep" if self.tp_extend_ep else f"etp = {self.expert_tp}"
             raise ConfigError(f"{p}rank_order: {self.rank_order} puts tp outermost, which needs expert TP to be the "
                               f"TP group (etp = tp); {what} needs tp innermost: use tp-cp-dp or tp-dp-cp")
-        if self.fb_overlap and self.vpp > 1:
-            raise ConfigError(f"{p}fb_overlap: cross-micro-batch overlap pairs micro-batches of one stage per rank; "
-                              f"interleaved stages (vpp = {self.vpp}) are not supported yet: set vpp: 1 or fb_overlap: false")
         if self.grad_bucket_mb < 0:
             raise ConfigError(f"{p}grad_bucket_mb: must be >= 0 (0 reduces after backward), got {self.grad_bucket_mb}")
         if self.emulate_links is not None:

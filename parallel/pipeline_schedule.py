@@ -52,9 +52,8 @@ class PipelineRunner:
         self.stages, self.overlapped = [], None
         if fb_overlap:
             from parallel.pipeline_overlap import OverlappedPipeline
-            assert plan.vpp == 1, "fb_overlap with vpp > 1 is refused by parallel/config.py"
-            self.overlapped = OverlappedPipeline(model.chunks[0], pp_group, plan.pp, micro_batches, act, self.device, self)
-            self.stages = [None]
+            self.overlapped = OverlappedPipeline(model, pp_group, plan.pp, micro_batches, act, self.device, self)
+            self.stages = [None] * len(model.chunks)
             self.reset_timers()
             return
         for chunk in model.chunks:

@@ -199,8 +199,6 @@ def test_fb_overlap_bad_configs():
     from moe.config import ModelConfig
     from parallel.config import ParallelConfig, check_pipeline
     from parallel.memory_config import MemoryConfig
-    with pytest.raises(ConfigError, match=r"fb_overlap: .* interleaved stages \(vpp = 2\) are not supported yet"):
-        ParallelConfig(pp=2, vpp=2, fb_overlap=True).validate("parallel")
     with pytest.raises(ConfigError, match="train.grad_accum: parallel.fb_overlap .* at least 2 micro-batches"):
         check_pipeline(ParallelConfig(ep=2, fb_overlap=True), ModelConfig(**MODEL), 1)
     with pytest.raises(ConfigError, match="memory.recompute: layer: recomputing whole layers"):

@@ -146,6 +146,9 @@ SCENARIOS = [
      dict(expert_bias=True, bias_update_speed=0.05)),
     # cross-micro-batch overlap (parallel/pipeline_overlap.py): forwards and backwards on two lanes
     ("pp2-fb", 2, dict(pp=2, fb_overlap=True), {}),
+    ("pp2-vpp2-noop-fb", 2, dict(pp=2, vpp=2, fb_overlap=True), dict(num_layers=3, noop_layers=1)),
+    ("pp2-vpp2-tp2-extend-sp-tied-fb", 4, dict(pp=2, vpp=2, tp=2, tp_extend_ep=True, sequence_parallel=True,
+                                               fb_overlap=True), dict(tie_embeddings=True)),
     ("pp2-stage-list-tied-fb", 2, dict(pp=2, pp_stage_layers=[1, 3], fb_overlap=True), dict(tie_embeddings=True)),
     ("pp4-fb", 4, dict(pp=4, fb_overlap=True), {}),
     ("pp2-ep2-fb", 4, dict(pp=2, ep=2, fb_overlap=True), {}),
@@ -306,7 +309,8 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
 
 # the same layout with and without fb_overlap (parallel/pipeline_overlap.py vs torch's 1F1B)
 FB_PAIRS = {"pp2-fb": "pp2", "pp2-stage-list-tied-fb": "pp2-stage-list-tied", "pp4-fb": "pp4",
-            "pp2-ep2-fb": "pp2-ep2", "pp2-tp2-sp-fb": "pp2-tp2-sp"}
+            "pp2-ep2-fb": "pp2-ep2", "pp2-tp2-sp-fb": "pp2-tp2-sp", "pp2-vpp2-noop-fb": "pp2-vpp2-noop",
+            "pp2-vpp2-tp2-extend-sp-tied-fb": "pp2-vpp2-tp2-extend-sp-tied"}
 FB_TOL = 1e-6
 
 
