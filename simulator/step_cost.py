@@ -34,8 +34,12 @@ def dp_step_times(hw: HardwareProfile, o: SimOptions, b: int, lay: Layout, d: De
         grad = (C.all_reduce(dense * gb, ddp, dstride, dpn).time(hw)
                 + C.all_reduce(expert * gb, edp, estride, dpn).time(hw))
         gather = 0.0
-    if o.grad_bucket_copy:  # flatten, scale, unflatten: a read and a write of the gradients each
-        grad += 6 * (dense + expert) * gb / (hw.memory_bandwidth_gbps * 1e9)
+    if o.grad_bucket_copy:
+        # parallel/data_parallel.py: a group of several ranks flattens, scales and unflattens its
+        # gradients (a read and a write each); a group of one only divides them by dp in place
+        def passes(group: int) -> int:
+            return 6 if group > 1 else (2 if d.dp > 1 else 0)
+        grad += (passes(ddp) * dense + passes(edp) * expert) * gb / (hw.memory_bandwidth_gbps * 1e9)
     local = dense / ddp + expert / edp if lay.zero1 else dense + expert
     master = 4 if b != 4 else 0
     adam_bytes = local * (4 + 2 * master + 16 + b)  # grad, master r/w, moments r/w, param write
