@@ -136,6 +136,7 @@ SCENARIOS = [
     ("pp2-stage-list-tied", 2, dict(pp=2, pp_stage_layers=[1, 3]), dict(tie_embeddings=True)),
     ("pp4", 4, dict(pp=4), {}),
     ("pp2-ep2", 4, dict(pp=2, ep=2), {}),
+    ("pp2-ep2-zero1", 4, dict(pp=2, ep=2, zero1=True), {}),
     ("pp2-tp2", 4, dict(pp=2, tp=2), {}),
     ("pp2-tp2-tp-extend-ep", 4, dict(pp=2, tp=2, tp_extend_ep=True), {}),
     # sequence parallelism: each chunk splits its input by position and gathers its output
@@ -309,7 +310,7 @@ def test_pipeline_matches_single_process(sid, world, par, model_overrides):
 
 # the same layout with and without fb_overlap (parallel/pipeline_overlap.py vs torch's 1F1B)
 FB_PAIRS = {"pp2-fb": "pp2", "pp2-stage-list-tied-fb": "pp2-stage-list-tied", "pp4-fb": "pp4",
-            "pp2-ep2-fb": "pp2-ep2", "pp2-tp2-sp-fb": "pp2-tp2-sp", "pp2-vpp2-noop-fb": "pp2-vpp2-noop",
+            "pp2-ep2-fb": "pp2-ep2", "pp2-ep2-fb-zero1": "pp2-ep2-zero1", "pp2-tp2-sp-fb": "pp2-tp2-sp", "pp2-vpp2-noop-fb": "pp2-vpp2-noop",
             "pp2-vpp2-tp2-extend-sp-tied-fb": "pp2-vpp2-tp2-extend-sp-tied"}
 FB_TOL = 1e-6
 
