@@ -69,7 +69,7 @@ def init_rank(rank: int, world: int, store: str) -> None:
 
 def build_run(cfg, par):
     """(model, runtime, optimizer) of one configuration, the model from seed 0 on every run."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.model import MoETransformer
     from parallel.runtime import ParallelRuntime
     torch.manual_seed(0)

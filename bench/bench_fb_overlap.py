@@ -34,7 +34,7 @@ def _rank(rank: int, world: int, store: str, args, queue) -> None:
 
     import torch.distributed as dist
 
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from launch.trainer.recipe import TrainConfig
     from launch.trainer.step import train_step
     from parallel import emulated_links

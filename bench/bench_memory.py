@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import get_kernels  # noqa: E402
+from moe_kernels import get_kernels  # noqa: E402
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import MoETransformer  # noqa: E402
 from parallel.memory import MemoryManager  # noqa: E402

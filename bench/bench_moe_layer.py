@@ -1,7 +1,7 @@
 """Benchmark: forward + backward of the routed-expert path with the fast kernels vs the reference
 kernels, measured in the same run.
 
-Default mode ("ffn") is self-contained and uses only kernels/: permute -> grouped_mm (w1, w3) ->
+Default mode ("ffn") is self-contained and uses only moe_kernels/: permute -> grouped_mm (w1, w3) ->
 SwiGLU -> grouped_mm (w2) -> unpermute, with skewed random routing (uneven expert loads, as in
 training). `--layer` also times moe.layer.MoELayer built with each kernel set (router, shared
 expert and aux losses included, so the kernel share of the time is smaller).
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels  # noqa: E402
+import moe_kernels as kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -21,7 +21,7 @@ The dense matmul peak is measured in the same run; "of peak" is our expert + sha
     .venv/bin/python bench/bench_peers.py            # full (~3 min on 2 cores)
     .venv/bin/python bench/bench_peers.py --quick    # fewer repeats, smaller slow-peer budget
     .venv/bin/python bench/bench_peers.py --baseline /tmp/fast_head.py   # also time another
-        # kernels/fast.py (e.g. `git show HEAD:kernels/fast.py > /tmp/fast_head.py`) as "before"
+        # moe_kernels/fast.py (e.g. `git show HEAD:moe_kernels/fast.py > /tmp/fast_head.py`) as "before"
 
 In bf16 it also times "ours+shared fp32 (proposal)": our layer with the shared expert's matmuls
 patched (in this script only) to run in fp32, to size a proposed moe/ change; see
@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels  # noqa: E402
+import moe_kernels as kernels  # noqa: E402
 from moe.config import ModelConfig  # noqa: E402
 from moe.layer import MoELayer  # noqa: E402
 
@@ -61,9 +61,9 @@ def cpu_model() -> str:
 
 
 def load_baseline_kernels(path: str):
-    """FastKernels from another copy of kernels/fast.py (imported inside the kernels package so its
+    """FastKernels from another copy of moe_kernels/fast.py (imported inside the kernels package so its
     relative imports resolve)."""
-    spec = importlib.util.spec_from_file_location("kernels._baseline_fast", path)
+    spec = importlib.util.spec_from_file_location("moe_kernels._baseline_fast", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.FastKernels()
@@ -132,7 +132,7 @@ def build_torchtitan(args):
 
 def patch_shared_fp32(layer: MoELayer) -> MoELayer:
     """Bench-only stand-in for a proposed moe/ change: the shared expert's three matmuls in fp32
-    (what kernels.fast does for the routed experts on a CPU without a native bf16 GEMM). moe/ runs
+    (what moe_kernels.fast does for the routed experts on a CPU without a native bf16 GEMM). moe/ runs
     it as bf16 nn.Linear, whose backward here is torch's scalar bf16 loop."""
     import torch.nn.functional as F
 
@@ -230,7 +230,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--hf-impls", default="eager,grouped_mm")
-    p.add_argument("--baseline", default=None, help="path of another kernels/fast.py to time as 'before'")
+    p.add_argument("--baseline", default=None, help="path of another moe_kernels/fast.py to time as 'before'")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-proposal", dest="proposal", action="store_false",
                    help="bf16: do not also time ours with the shared expert in fp32 (bench-only patch)")

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _setup(args, placed: bool) -> dict:
     """One configuration on this rank: model, runtime, optimizer, skewed workload, maybe placement."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.config import ModelConfig
     from moe.model import MoETransformer
     from parallel.config import EmulateLinks, LinkSpec, ParallelConfig

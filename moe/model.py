@@ -133,7 +133,7 @@ class MoETransformer(ModelParts, nn.Module):
         super().__init__()
         seed = draw_init_seed()  # first, so the global generator's state alone decides the weights
         if kernels is None:
-            from kernels import get_kernels
+            from moe_kernels import get_kernels
             kernels = get_kernels("auto")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

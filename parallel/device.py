@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.npu import import_torch_npu
+from moe_kernels.npu import import_torch_npu
 from parallel.peaks import QUOTED_PEAKS_TFLOPS, quoted_peak
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}

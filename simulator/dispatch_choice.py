@@ -74,7 +74,7 @@ def _options(hw: HardwareProfile, dtype: str, imbalance: float) -> SimOptions:
     grouped_per_expert = False
     if hw.device == "cpu":  # as the trainer's fast kernels run: one grouped GEMM where torch has one
         import torch
-        from kernels.fast import grouped_mm_works
+        from moe_kernels.fast import grouped_mm_works
         grouped_per_expert = not grouped_mm_works("cpu", torch.float32 if dtype == "fp32" else torch.bfloat16)
     return SimOptions(dtype=dtype, expert_imbalance=imbalance, grouped_gemm_per_expert=grouped_per_expert)
 

@@ -69,7 +69,7 @@ def attention_fwd_bwd(b: int, h: int, s: int, d_qk: int, d_v: int) -> float:
 def _eltwise_benchmarks() -> dict[str, Callable[[int], tuple[Callable[[], None], int]]]:
     """kind -> builder(tokens) returning (fwd+bwd closure, elements as compute.py counts them).
     A table of ten small builders (about 70 lines), kept in one place so the shapes read side by side."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.config import ModelConfig
     from moe.layers import RMSNorm, RotaryEmbedding
     from moe.router import Router

@@ -139,7 +139,7 @@ def sim_options(imbalance: float = 1.0, world: int = 1) -> SimOptions:
     gradient all-reduce after the backward pass through flat buckets (`parallel.data_parallel`,
     which runs on several ranks only)."""
     import torch
-    from kernels.fast import grouped_mm_works
+    from moe_kernels.fast import grouped_mm_works
     return SimOptions(dtype="fp32", grouped_gemm_per_expert=not grouped_mm_works("cpu", torch.float32),
                       overlap_grad_reduce=False, overlap_param_gather=False, pad_layers=False,
                       expert_imbalance=max(1.0, imbalance), grad_bucket_copy=world > 1)
@@ -254,7 +254,7 @@ def measure_activations(model: ModelConfig, c: Case) -> Optional[int]:
     if c.world > 1:
         return None
     import torch
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.model import MoETransformer
     torch.manual_seed(0)
     net = MoETransformer(model, get_kernels("auto", device_type="cpu"))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from launch.checkpoint.checkpointer import Checkpointer
 from launch.trainer.recipe import CheckpointConfig
 from moe.config import ModelConfig

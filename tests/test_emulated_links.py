@@ -136,7 +136,7 @@ def test_collectives_take_their_emulated_time_without_burning_cpu():
 
 
 def _losses_worker() -> dict:
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.config import ModelConfig
     from moe.model import MoETransformer
     from parallel.config import ParallelConfig
@@ -171,7 +171,7 @@ def _losses_worker() -> dict:
 
 def _pipeline_worker() -> dict:
     """pp2 through the trainer's step: the schedules' sends and receives are charged as P2P."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from launch.trainer.recipe import TrainConfig
     from launch.trainer.step import train_step
     from moe.config import ModelConfig

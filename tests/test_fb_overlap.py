@@ -33,7 +33,7 @@ def run(par: dict, micro_batches: int, memory: dict | None = None, steps: int = 
         model: dict | None = None, seq: int = SEQ) -> dict:
     """Train on this rank through the trainer's step; returns losses, norms, final parameters and
     the communication exposure of the steps after the first `warmup` (gloo connects lazily)."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from launch.trainer.recipe import TrainConfig
     from launch.trainer.step import train_step
     from moe.config import ModelConfig

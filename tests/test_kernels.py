@@ -1,4 +1,4 @@
-"""Tests for kernels/: every implementation against a per-token loop written here, and fast vs
+"""Tests for moe_kernels/: every implementation against a per-token loop written here, and fast vs
 reference gradients.
 
 Tolerances: fp32 results are compared with an fp64 per-token loop at rtol = atol = 1e-5. bf16
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import fast as fast_mod
+import moe_kernels as kernels
+from moe_kernels import fast as fast_mod
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 IMPLS = ["reference", "fast"]
@@ -219,7 +219,7 @@ def test_auto_on_unavailable_device_is_reference():
     assert kernels.get_kernels("auto", "npu").name == "reference"
 
 
-# The Ascend hook (kernels/npu.py) is tested against a stand-in torch_npu in tests/test_kernels_npu.py.
+# The Ascend hook (moe_kernels/npu.py) is tested against a stand-in torch_npu in tests/test_kernels_npu.py.
 
 
 # bf16 GEMM compute dtype: a CPU without a native bf16 GEMM (this AVX2 box) multiplies bf16 in fp32.

@@ -1,4 +1,4 @@
-"""The Ascend hook (kernels/npu.py) on CPU, against a stand-in torch_npu whose npu_grouped_matmul
+"""The Ascend hook (moe_kernels/npu.py) on CPU, against a stand-in torch_npu whose npu_grouped_matmul
 computes what the Ascend op-plugin documentation (docs/context/torch_npu-npu_grouped_matmul.md)
 says and rejects every call outside the documented Atlas A2/A3 modes: group_type -1 or 0 only, x
 never transposed, counts (group_list_type 1) never of length 1, last dimensions below 65536, at
@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-import kernels
-from kernels import npu as npu_mod
+import moe_kernels as kernels
+from moe_kernels import npu as npu_mod
 from test_kernels import TOL, _grads, loop_moe, make_case, run_moe
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import ConfigError
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from launch.trainer.recipe import load_recipe
 from moe.config import ModelConfig
 from moe.model import MoETransformer

@@ -131,7 +131,7 @@ def test_moe_permute_matches_the_policy_free_run_bitwise_under_every_dispatcher(
 
 def test_host_optimizer_matches_the_device_optimizer_bf16_autocast():
     """Offload with the torch fallback, bf16 autocast and a tiny chunk: within 1e-6 of on-device AdamW."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from launch.trainer.recipe import TrainConfig
     from launch.trainer.setup import build_optimizer
     from moe.config import ModelConfig

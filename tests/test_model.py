@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from moe.accounting import param_counts
 from moe.attention import GQA, MLA
 from moe.layer import MoELayer

@@ -24,7 +24,7 @@ TOL = 1e-6
 
 def run(par: dict, micro_batches: int, steps: int = STEPS) -> dict:
     """Train on this rank; returns losses, gradient norms, final parameters and the exposure."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.config import ModelConfig
     from moe.model import MoETransformer
     from parallel import emulated_links

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from moe.config import ModelConfig
 from moe.layer import MoELayer
 from dist_utils import run_distributed

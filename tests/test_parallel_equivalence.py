@@ -30,7 +30,7 @@ import functools
 import pytest
 import torch
 
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from moe.config import ModelConfig
 from moe.model import MoETransformer
 from dist_utils import rel_diff, run_distributed

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from config import ConfigError
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from launch.trainer.recipe import TrainConfig
 from launch.trainer.step import evaluate, train_step
 from moe.config import ModelConfig

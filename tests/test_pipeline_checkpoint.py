@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from kernels import get_kernels
+from moe_kernels import get_kernels
 from launch.checkpoint.checkpointer import Checkpointer
 from launch.trainer.recipe import CheckpointConfig, TrainConfig
 from launch.trainer.step import train_step

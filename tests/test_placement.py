@@ -115,7 +115,7 @@ def test_zipf_popularity():
 
 
 def test_zipf_skews_a_models_routing():
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.config import ModelConfig
     from moe.model import MoETransformer
     from test_parallel_equivalence import BASE_MODEL

@@ -263,7 +263,7 @@ def test_bad_input_is_one_line(case, tmp_path, corpora, monkeypatch, capsys):
 
 def test_bf16_on_a_cpu_without_bf16_units_gets_one_note(monkeypatch, capsys):
     """bf16 autocast on a CPU without native bf16 GEMMs is several times slower than fp32: say so."""
-    import kernels.fast as fast
+    import moe_kernels.fast as fast
     from launch.trainer import preflight as pf
     monkeypatch.setattr(fast, "native_bf16_gemm", lambda device_type: False)
     pf._note_slow_bf16("bf16", "cpu")

@@ -40,7 +40,7 @@ def test_cases_load_with_links_and_predict_the_link_time():
         assert isinstance(c.parallel.emulate_links, EmulateLinks), c.name
         assert isinstance(case_layout(c).emulate_links, EmulateLinks), c.name
     dp2 = next(c for c in cfg.cases if c.name == "links-dp2")
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     from moe.model import MoETransformer
     params = sum(p.numel() for p in MoETransformer(cfg.model, get_kernels("reference")).parameters())
     inter = dp2.parallel.emulate_links.inter_node  # each rank its own node: the slow link

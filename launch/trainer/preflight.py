@@ -72,8 +72,8 @@ def _check_device(requested: str) -> None:
 def _note_slow_bf16(dtype: str, device: str) -> None:
     """bf16 on a CPU without a native bf16 GEMM (no AVX512-BF16 / AMX): torch falls back to a
     scalar loop there (1-16 GFLOP/s against 110-176 for fp32 on the 2-core AVX2 development VM).
-    The expert GEMMs run in fp32 anyway (kernels/fast.py); every other matmul does not."""
-    from kernels.fast import native_bf16_gemm
+    The expert GEMMs run in fp32 anyway (moe_kernels/fast.py); every other matmul does not."""
+    from moe_kernels.fast import native_bf16_gemm
     if dtype == "bf16" and devices.resolve_device_type(device) == "cpu" and not native_bf16_gemm("cpu"):
         print("note: train.dtype: bf16 on a CPU without native bf16 matrix units (no AVX512-BF16/AMX): "
               "its bf16 matmuls are emulated and several times slower than fp32; train.dtype: fp32 is faster "

@@ -38,7 +38,7 @@ from parallel.runtime import Runtime
 def build_model(recipe: Recipe, device: str = "cpu", runtime: Optional[Runtime] = None) -> torch.nn.Module:
     """The model this process trains: the whole MoETransformer, or under pipeline parallelism
     only this rank's stages (`runtime.build_model`), initialised from the recipe's seed."""
-    from kernels import get_kernels
+    from moe_kernels import get_kernels
     torch.manual_seed(recipe.train.seed)
     kernels = get_kernels(recipe.train.kernels, device_type=device)
     model = runtime.build_model(recipe.model, kernels) if runtime is not None else MoETransformer(recipe.model, kernels)
