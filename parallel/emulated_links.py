@@ -25,10 +25,11 @@ the step's exposure metrics; `install(None, ...)` keeps only that, `uninstall()`
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -181,22 +182,29 @@ class _Stalls:
             self.waiting += d_waiting
             self.since = now if self.waiting >= self.running > 0 else None
 
-    def read(self) -> float:
-        with self.lock:
-            return self.total + (time.monotonic() - self.since if self.since is not None else 0.0)
 
 
 _stalls = _Stalls()
 
 
-def lane_started() -> None:
-    """A second lane (a backward on a worker thread) now runs beside this one (fb_overlap.py)."""
+@contextlib.contextmanager
+def lane_running() -> Iterator[None]:
+    """A second lane (a backward on a worker thread, parallel/fb_overlap.py) runs beside this one."""
     _stalls._change(+1, 0)
+    try:
+        yield
+    finally:
+        _stalls._change(-1, 0)
 
 
-def lane_stopped() -> None:
-    """A lane stopped running (finished, or blocked on something other than a collective)."""
+@contextlib.contextmanager
+def lane_idle() -> Iterator[None]:
+    """This lane is blocked on something other than a collective (waiting for the other lane)."""
     _stalls._change(-1, 0)
+    try:
+        yield
+    finally:
+        _stalls._change(+1, 0)
 
 
 class _Timed:
@@ -239,7 +247,7 @@ class _Timed:
         if alone is not None and _stalls.snapshot()[0] == alone:  # one lane throughout: the wait blocked it all
             exposed = now - start
         else:  # another lane ran during the wait: exposed while every lane was blocked
-            exposed = _stalls.read() - stalled_before
+            exposed = _stalls.snapshot()[1] - stalled_before
             hidden += max(0.0, min(now, done) - max(start, self.issued) - exposed)
         if self.state is _state:  # a run installed since then has its own ledger
             self.state.ledger.add(self.kind, hidden, exposed, self.charged)

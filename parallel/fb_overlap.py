@@ -24,22 +24,22 @@ as well; the CPU path needs none.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from parallel import emulated_links, lanes
 
 
-def _backward(loss: torch.Tensor) -> None:
-    emulated_links.lane_started()
-    try:
-        with lanes.backward_lane():
-            loss.backward()
-    finally:
-        emulated_links.lane_stopped()
+@contextlib.contextmanager
+def on_worker() -> Iterator[None]:
+    """What a backward on the worker thread runs inside: the backward lane's groups, counted as a
+    running lane for the exposure metrics (parallel/emulated_links.py)."""
+    with emulated_links.lane_running(), lanes.backward_lane():
+        yield
 
 
 class BackwardLane:
@@ -61,8 +61,10 @@ class BackwardLane:
         self.job = self.pool.submit(self._run, loss)
         self.backwards += 1
 
-    def _run(self, loss: torch.Tensor) -> float:
-        _backward(loss)
+    @staticmethod
+    def _run(loss: torch.Tensor) -> float:
+        with on_worker():
+            loss.backward()
         return time.monotonic()
 
     def finish(self) -> None:
@@ -71,11 +73,8 @@ class BackwardLane:
         if job is None:
             return
         joined = time.monotonic()
-        emulated_links.lane_stopped()  # this thread only waits for the backward now
-        try:
+        with emulated_links.lane_idle():  # this thread only waits for the backward now
             ended = job.result()
-        finally:
-            emulated_links.lane_started()
         self.concurrent_s += max(0.0, min(joined, ended) - self.submitted_at)
 
     def take_metrics(self) -> dict:

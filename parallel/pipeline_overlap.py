@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from parallel import emulated_links as links
-from parallel import lanes
+from parallel.fb_overlap import on_worker
 
 
 class _Abort(Exception):
@@ -104,11 +104,8 @@ class OverlappedPipeline:
                 e.set()
             job.exception()
             raise
-        links.lane_stopped()  # only waiting for the backward lane now
-        try:
+        with links.lane_idle():  # only waiting for the backward lane now
             sends += job.result()
-        finally:
-            links.lane_started()
         for work, t in sends:
             work.wait()
             self.timers.p2p_bytes += t.numel() * t.element_size()
@@ -122,43 +119,35 @@ class OverlappedPipeline:
         the exposure metrics); raise the backward lane's error if it failed."""
         if slots.acquire(blocking=False):
             return
-        links.lane_stopped()
-        try:
+        with links.lane_idle():
             while not slots.acquire(timeout=0.05):
                 if job.done():
                     job.result()  # raises the backward lane's error
                     raise RuntimeError("pipeline backward lane ended early")
-        finally:
-            links.lane_started()
 
     def _backwards(self, saved, ready, slots, failed) -> list:
         sends = []
-        links.lane_started()
-        try:
-            with lanes.backward_lane():
-                for key in self.backwards:
-                    chunk = self.chunks[key[1]]
-                    if not ready[key].is_set():
-                        links.lane_stopped()
+        with on_worker():
+            for key in self.backwards:
+                chunk = self.chunks[key[1]]
+                if not ready[key].is_set():
+                    with links.lane_idle():
                         ready[key].wait()
-                        links.lane_started()
-                    if failed.is_set():
-                        raise _Abort()
-                    x, out = saved.pop(key)
-                    grad = None
-                    if not chunk.is_last:
-                        grad = self._act()
-                        links.recv(grad, self.next, self.group).wait()
-                    start = time.perf_counter()
-                    torch.autograd.backward(out, grad)  # the last stage's out is the loss
-                    self.timers.bwd_s[key[1]] += time.perf_counter() - start
-                    del out
-                    if not chunk.is_first:
-                        sends.append((links.send(x.grad, self.prev, self.group), x.grad))
-                    del x
-                    slots.release()
-        finally:
-            links.lane_stopped()
+                if failed.is_set():
+                    raise _Abort()
+                x, out = saved.pop(key)
+                grad = None
+                if not chunk.is_last:
+                    grad = self._act()
+                    links.recv(grad, self.next, self.group).wait()
+                start = time.perf_counter()
+                torch.autograd.backward(out, grad)  # the last stage's out is the loss
+                self.timers.bwd_s[key[1]] += time.perf_counter() - start
+                del out
+                if not chunk.is_first:
+                    sends.append((links.send(x.grad, self.prev, self.group), x.grad))
+                del x
+                slots.release()
         return sends
 
     def close(self) -> None:

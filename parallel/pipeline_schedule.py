@@ -53,7 +53,6 @@ class PipelineRunner:
         if fb_overlap:
             from parallel.pipeline_overlap import OverlappedPipeline
             self.overlapped = OverlappedPipeline(model, pp_group, plan.pp, micro_batches, act, self.device, self)
-            self.stages = [None] * len(model.chunks)
             self.reset_timers()
             return
         for chunk in model.chunks:
@@ -73,8 +72,8 @@ class PipelineRunner:
 
     # --- timing and bytes ---
     def reset_timers(self) -> None:
-        self.fwd_s = [0.0] * len(self.stages)
-        self.bwd_s = [0.0] * len(self.stages)
+        self.fwd_s = [0.0] * len(self.model.chunks)  # per chunk, in the order of model.chunks
+        self.bwd_s = [0.0] * len(self.model.chunks)
         self.p2p_bytes = 0
         self.schedule_s = 0.0
 

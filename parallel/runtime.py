@@ -208,14 +208,16 @@ class LocalRuntime:
     dp_size: int = 1
     pp_rank: int = 0
     forward_backward = None  # the trainer's own micro-batch loop
-    backward_lane = None  # one process: no exchange for a backward to hide behind
+    # fb_overlap in one process: no exchange to hide, but the same loop (backwards on a worker)
+    backward_lane: Optional[BackwardLane] = None
     eval_lm_loss = None
 
     @classmethod
     def setup(cls, cfg: Optional[ParallelConfig] = None, model: Optional[ModelConfig] = None,
               device: str = "cpu") -> "LocalRuntime":
         """Validates `cfg` (default: the trivial layout) for a world of one process."""
-        return cls(validate_layout(cfg if cfg is not None else ParallelConfig(), model, 1), device)
+        cfg = cfg if cfg is not None else ParallelConfig()
+        return cls(validate_layout(cfg, model, 1), device, backward_lane=BackwardLane() if cfg.fb_overlap else None)
 
     @staticmethod
     def grad_reducer(params, max_norm: float = 0.0) -> float:

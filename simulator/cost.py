@@ -308,8 +308,10 @@ class Simulator:
             dps[r] = (grad, gather, opt)
             ends[r] = finish[r] + grad + opt + gather
             act = tl.peak_live[r] if tl is not None else sum(n * a for n, a in zip(flights[r], pipe.act[g]))
-            if p == 1 and m > 1 and (lay.fb_overlap or self.opt.fb_overlap):
-                act *= 2  # parallel/fb_overlap.py: a forward runs while the last backward holds its activations
+            if m > 1 and (lay.fb_overlap or (p == 1 and self.opt.fb_overlap)):
+                # the runtime's pairing (parallel/fb_overlap.py, pipeline_overlap.py) keeps one
+                # (micro-batch, chunk) more in flight than 1F1B: a forward runs beside a backward
+                act += max(pipe.act[g])
             transient = (pipe.act_full[g] if full else 0.0) / per_chunk + window * pipe.swapped[g] / per_chunk
             if r == p - 1:  # the fp32 logits' gradient (vocab-parallel: this rank's slice)
                 transient += logits

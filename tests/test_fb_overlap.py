@@ -152,20 +152,21 @@ def test_exposure_counts_only_time_every_lane_is_blocked():
         alone = el.take_exposure()
         assert 0.09 <= alone.exposed_s <= 0.2 and alone.hidden_s <= 0.01
 
-        el.lane_started()  # another lane computes for 0.3 s (no wait)
-        worker = threading.Thread(target=lambda: (time.sleep(0.3), el.lane_stopped()))
+        def computes():  # another lane computes for 0.3 s (no wait)
+            with el.lane_running():
+                time.sleep(0.3)
+        worker = threading.Thread(target=computes)
         worker.start()
+        time.sleep(0.01)
         _timed(0.1).wait()
         worker.join()
         beside = el.take_exposure()
         assert beside.exposed_s <= 0.02 and beside.hidden_s >= 0.08, beside
 
-        el.lane_started()  # the other lane waits too, for 0.2 s, from the start
-
-        def other():
-            _timed(0.2).wait()
-            el.lane_stopped()
-        worker = threading.Thread(target=other)
+        def waits():  # the other lane waits too, for 0.2 s, from the start
+            with el.lane_running():
+                _timed(0.2).wait()
+        worker = threading.Thread(target=waits)
         worker.start()
         time.sleep(0.01)
         _timed(0.1).wait()  # both blocked for ~0.09 s of it
@@ -204,3 +205,30 @@ def test_fb_overlap_bad_configs():
     with pytest.raises(ConfigError, match="memory.recompute: layer: recomputing whole layers"):
         Recipe(model=ModelConfig(**MODEL), parallel=ParallelConfig(ep=2, fb_overlap=True),
                memory=MemoryConfig(recompute=["layer"])).validate()
+
+
+def test_fb_overlap_in_one_process_matches_the_plain_loop():
+    """One process has no exchange to hide, but the setting runs the same loop (backwards on the
+    worker thread) with the same numbers, through the trainer's set-up."""
+    from launch.trainer.recipe import TrainConfig
+    from launch.trainer.step import train_step
+    from moe.config import ModelConfig
+    from moe_kernels import get_kernels
+    from parallel.config import ParallelConfig
+    from parallel.runtime import LocalRuntime
+    t = TrainConfig(grad_accum=3, micro_batch_size=MBS, seq_len=SEQ, grad_clip=CLIP)
+    data = torch.randint(0, 64, (2 * 3, MBS, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for fb in (False, True):
+        rt = LocalRuntime.setup(ParallelConfig(fb_overlap=fb), ModelConfig(**MODEL))
+        assert (rt.backward_lane is not None) == fb
+        torch.manual_seed(11)
+        model = rt.build_model(ModelConfig(**MODEL), get_kernels("fast"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        it = iter([{"tokens": x[:, :-1], "labels": x[:, 1:]} for x in data])
+        runs[fb] = [train_step(model, opt, it, t, "cpu", grad_reducer=rt.grad_reducer,
+                               backward_lane=rt.backward_lane)["loss"] for _ in range(2)]
+        if fb:
+            assert rt.backward_lane.take_metrics()["fb_overlap_backwards"] == 6
+            rt.backward_lane.close()
+    assert runs[True] == runs[False]

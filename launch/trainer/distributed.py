@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from launch.trainer.recipe import Recipe
 from parallel.device import backend_for, resolve_device_type, set_local_device
+from parallel.fb_overlap import BackwardLane
 from parallel.runtime import LocalRuntime, ParallelRuntime, Runtime, validate_layout
 
 
@@ -37,10 +38,11 @@ def init_distributed(recipe: Recipe) -> Runtime:
     global _watch
     timeout_s = recipe.resilience.collective_timeout_s
     rank, world, local_rank = world_from_env()
-    layout = validate_layout(recipe.parallel, recipe.model, world)  # raises ConfigError; no group exists yet
+    # raises ConfigError; no group exists yet
+    layout = validate_layout(recipe.parallel, recipe.model, world, recipe.train.grad_accum)
     device = resolve_device_type(recipe.train.device)
     if world == 1:
-        return LocalRuntime(layout, device)
+        return LocalRuntime(layout, device, backward_lane=BackwardLane() if recipe.parallel.fb_overlap else None)
     set_local_device(device, local_rank)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
