@@ -2,8 +2,12 @@
 
 `simulate validate` compares predicted and measured step times over its cases and records, per
 feature a case exercises (`features`: tp, ep, dp, tp_extend_ep, a dispatcher, pp, vpp, ...), the
-lowest and highest signed error (predicted - measured) / measured, in percent, in the profile
-(`HardwareProfile.error_bands`, "all" for every case). An estimate of a layout gets the band of
+lowest and highest signed error (predicted - measured) / measured, in percent, over its cases and
+those of the `BAND_RUNS - 1` validations before it, in the profile (`HardwareProfile.error_bands`,
+"all" for every case; each run's own ranges are kept in `error_bands_history` for the next runs to
+join). Several runs, not one: on this shared host a whole run's errors shift together with the
+host's state (every case +5 to +9 % in one run), so one run's extremes covered the next run's
+errors in 6 to 17 of 17 cases, the last two runs' in 12 to 17, the last three runs' in 16 and 17. An estimate of a layout gets the band of
 the features it uses: the widest low and high ends among them and "all". If the error of a case
 lay in [lo, hi], its measured time lay in [predicted / (1 + hi), predicted / (1 + lo)]: that is the
 interval reported for the true step time. Features the validation never ran (cp on CPU today) are
@@ -73,32 +77,56 @@ def step_time_interval(predicted_s: float, lo_pct: float, hi_pct: float) -> tupl
     return predicted_s / (1 + hi_pct / 100), predicted_s / (1 + max(lo_pct, -99.0) / 100)
 
 
+def join_bands(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per feature, the range covering both."""
+    out = {k: list(v) for k, v in a.items()}
+    for k, (lo, hi) in b.items():
+        out[k] = [min(lo, out[k][0]), max(hi, out[k][1])] if k in out else [lo, hi]
+    return out
+
+
+BAND_RUNS = 3  # validations a profile's bands join: this one and the two before it
+_BAND_KEYS = ("error_bands:", "error_band_cases:", "error_bands_history:", "error_band_cases_history:")
+
+
 def record_bands(profile_path, rows: list[dict]) -> Optional[dict[str, list[float]]]:
-    """Write the residual bands of `rows` into the profile file (its other lines, comments
-    included, unchanged; written whole, then renamed). None when no row was measured."""
+    """Write the residual bands of `rows`, joined with those of the `BAND_RUNS - 1` validations
+    before it, into the profile file (its other lines, comments included, unchanged; written whole,
+    then renamed). Returns the joined bands; None when no row was measured."""
     import os
     from pathlib import Path
 
     import yaml
-    bands = residual_bands(rows)
-    if not bands:
+    own = residual_bands(rows)
+    if not own:
         return None
     p = Path(profile_path)
+    previous = yaml.safe_load(p.read_text()) or {}
     keep = []
     skipping = False
     for line in p.read_text().splitlines():
-        if line.startswith(("error_bands:", "error_band_cases:")):
-            skipping = line.startswith("error_bands:") and not line.rstrip().endswith("{}")
+        if line.startswith(_BAND_KEYS):
+            skipping = line.rstrip().endswith(":")  # a block value follows
             continue
         if skipping and line.startswith((" ", "-")):
             continue
         skipping = False
         keep.append(line)
-    rounded = {k: [round(v[0], 2), round(v[1], 2)] for k, v in sorted(bands.items())}
+
+    def rounded(bands):
+        return {k: [round(v[0], 2), round(v[1], 2)] for k, v in sorted(bands.items())}
     measured = sum(1 for r in rows if r.get("error_pct") is not None)
-    text = "\n".join(keep) + "\n" + yaml.safe_dump({"error_bands": rounded, "error_band_cases": measured},
-                                                   sort_keys=False, default_flow_style=None)
+    history = [*(previous.get("error_bands_history") or []), rounded(own)][-BAND_RUNS:]
+    cases = [*(previous.get("error_band_cases_history") or []), measured][-BAND_RUNS:]
+    joined: dict[str, list[float]] = {}
+    for b in history:
+        joined = join_bands(joined, b)
+    joined = rounded(joined)
+    text = "\n".join(keep) + "\n" + yaml.safe_dump(
+        {"error_bands": joined, "error_band_cases": sum(cases),
+         "error_bands_history": history, "error_band_cases_history": cases},
+        sort_keys=False, default_flow_style=None)
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, p)
-    return rounded
+    return joined

@@ -11,14 +11,13 @@ Measures, with the same PyTorch the trainer uses:
 - the project's element-wise operators and the optimizer step (`opbench.py`);
 - how much ranks running at once slow one another on this machine, and the speed probe's baseline
   (`probe.py`), which `validate` compares with the machine's speed during each case;
-- real training steps of a small held-out model (`CALIBRATION_MODEL`) at three sizes, to which the
-  profile's `work_correction` and `overhead_correction` are fitted: what isolated operator
-  timings miss, split into the part that grows with the work and the part fixed per operator;
 - gloo collectives (all-reduce, all-gather, reduce-scatter, all-to-all) at world sizes up to the
   core count, spawned with torch.multiprocessing, each timed after a burst of compute as a training
-  step meets it; bandwidth and per-step latency are fitted to the step and byte counts of `comm.py`
-  for each kind (`collective_links`) and for all together (the profile's links), so prediction and
-  measurement use the same formulas.
+  step meets it (`calibrate_comm.py`); bandwidth and per-step latency are fitted to the step and
+  byte counts of `comm.py` for each kind (`collective_links`) and for all together (the profile's
+  links), so prediction and measurement use the same formulas;
+- real training steps of a small held-out model (`calibrate_steps.py`) in one process at three
+  sizes, fitting `work_correction` and `overhead_correction` (what isolated operator timings miss).
 On one box every "node" is the same machine: the inter-node link is set to the measured one.
 """
 from __future__ import annotations
@@ -27,6 +26,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,8 +34,9 @@ import torch
 import yaml
 
 from simulator.calibrate_comm import fit_link, measure_collectives, measure_concurrency, rank_counts
-from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, CalibrationError, HardwareProfile, Link, MatmulEfficiency
-from simulator.opbench import attention_fwd_bwd, eltwise_costs, fit_two, linear_fwd_bwd, optimizer_cost, timed
+from simulator.calibrate_steps import measure_corrections
+from simulator.hardware import COLLECTIVE_KINDS, HARDWARE_DIR, HardwareProfile, Link, MatmulEfficiency
+from simulator.opbench import attention_fwd_bwd, eltwise_costs, linear_fwd_bwd, optimizer_cost, timed
 from config import ConfigError
 from simulator.machine import this_machine
 from simulator.probe import SpeedProbe
@@ -109,67 +110,6 @@ def fit_attention(peak: float, eff: MatmulEfficiency, overhead: float,
     return float(min(2.0, max(0.01, statistics.geometric_mean(ratios))))
 
 
-# The held-out model whose real training steps calibrate the corrections: a small MoE unlike
-# `configs/simulator/validate_cpu.yaml` (narrower, 3 layers, 4 sigmoid-routed experts, no MTP).
-CALIBRATION_MODEL = {
-    "vocab_size": 256, "hidden_size": 128, "num_layers": 3, "max_seq_len": 128, "attention": "mla",
-    "num_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 48, "qk_nope_head_dim": 24, "qk_rope_head_dim": 8,
-    "v_head_dim": 24, "dense_ffn_size": 384, "first_k_dense": 1, "num_experts": 4, "top_k": 2,
-    "expert_ffn_size": 160, "num_shared_experts": 1, "score_func": "sigmoid", "mtp_layers": 0,
-}
-# (micro-batch, sequence) of its steps: small ones where fixed costs weigh, a large one where work does
-CALIBRATION_STEPS = ((1, 64), (2, 128), (8, 128))
-
-
-def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(work, overhead) factors with measured = work * W + overhead * F, least squares of the
-    relative error over (measured compute, modelled work W, modelled fixed cost F) points, at least
-    two with different W/F. Raises when the fit is degenerate or a factor comes out non-positive
-    (a noisy machine)."""
-    fit = fit_two([(w / m, f / m, 1.0) for m, w, f in points])  # relative errors: small steps count as much
-    if fit is None:
-        raise CalibrationError("calibration steps: the sizes do not separate fixed from proportional costs")
-    work, overhead = fit
-    if work <= 0 or overhead <= 0:
-        raise CalibrationError(f"calibration steps: fitted work x{work:.2f}, overhead x{overhead:.2f} (must be "
-                               f"> 0); the machine was too noisy, run `python -m simulator calibrate` again")
-    return work, overhead
-
-
-def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = print) -> tuple[float, float]:
-    """Train `CALIBRATION_MODEL` in one process (as `validate` runs a case) at the sizes of
-    `CALIBRATION_STEPS` and fit the profile's `work_correction` and `overhead_correction` to the
-    forward + backward part of each step (measured step less the modelled optimizer step, whose
-    calibration is a measured step of its own), each at the speed probe's reading during the run.
-    The microbenchmarks time each operator in isolation; a real step also pays for what they miss
-    (Python and autograd around the modules, the allocator under a step's live tensors)."""
-    import tempfile
-    from dataclasses import replace
-
-    from config import from_dict
-    from moe.config import ModelConfig
-    from simulator.validate import Case, measure, predict
-    model = from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
-    bare = replace(prof, work_correction=1.0, overhead_correction=1.0)
-    work_only = replace(prof, work_correction=1.0, overhead_correction=0.0)  # fixed costs zeroed
-    points = []
-    with tempfile.TemporaryDirectory(prefix="simcalibrate-") as d:
-        for mbs, seq in CALIBRATION_STEPS:
-            case = Case(name=f"calibration-{mbs}x{seq}", micro_batch_size=mbs, seq_len=seq)
-            meas = measure(model, case, steps=12, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
-            if "error" in meas:
-                raise CalibrationError(f"calibration training step ({case.name}) failed: {meas['error']}")
-            slowdown = meas["probe_s"] / prof.speed_probe
-            full = predict(model, bare, case, slowdown=slowdown)
-            work = predict(model, work_only, case, slowdown=slowdown)["compute_s"]
-            measured = meas["step_time_s"] - full["optimizer_s"]
-            points.append((measured, work, full["compute_s"] - work))
-            log(f"  training step of the calibration model at {mbs}x{seq} tokens: measured "
-                f"{meas['step_time_s'] * 1e3:.1f} ms, modelled {full['step_time_s'] * 1e3:.1f} ms (forward + "
-                f"backward {full['compute_s'] * 1e3:.1f} ms, of it fixed costs {(full['compute_s'] - work) * 1e3:.1f} ms)")
-    return fit_corrections(points)
-
-
 def calibrate(out: str | Path = DEFAULT_OUT, quick: bool = False, collectives: bool = True, threads: int = 1,
               log: Callable[[str], None] = print) -> HardwareProfile:
     """Measure and write a profile. One torch thread by default: on a shared machine a multi-threaded
@@ -219,7 +159,7 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         probes += alone
         log("  concurrent ranks slow each other by: " + ", ".join(
             f"x{f:.2f} at {w} ranks" for w, f in concurrency.items()))
-        coll = measure_collectives(sizes=(64 * 2**10, 2**20) if quick else (64 * 2**10, 2**20, 8 * 2**20, 24 * 2**20))
+        coll = measure_collectives(sizes=(64 * 2**10, 2**20), rounds=10) if quick else measure_collectives()
         link, link_rms = fit_link(coll)
         log(f"  gloo, all collectives: {link.bandwidth_gbps:.2f} GB/s, {link.latency_us:.0f} us per step "
             f"(rms log error {link_rms:.2f}, {len(coll)} samples)")
@@ -241,7 +181,7 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
         notes=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs with {threads} torch "
                f"threads; matmul fit rms log error {rms:.2f}; link fit rms {link_rms:.2f}; "
                f"{time.perf_counter() - t_start:.0f} s"))
-    prof.error_bands, prof.error_band_cases = _previous_bands(out, log)
+    prof = replace(prof, **_previous_bands(out, log))
     prof.validate("hardware")
     prof.work_correction, prof.overhead_correction = measure_corrections(prof, log)
     log(f"  corrections: proportional costs x{prof.work_correction:.2f}, fixed costs x{prof.overhead_correction:.2f}")
@@ -251,17 +191,19 @@ def _calibrate(out, quick: bool, collectives: bool, threads: int, log) -> Hardwa
     return prof
 
 
-def _previous_bands(out, log) -> tuple[dict, int]:
-    """The error bands of the profile being replaced: they describe the cost model on this machine
-    kind, which a recalibration does not change; the next `validate` re-measures them."""
+def _previous_bands(out, log) -> dict:
+    """The error-band fields of the profile being replaced: they describe the cost model on this
+    machine kind, which a recalibration does not change; the next `validate` re-measures them."""
     try:
         from simulator.hardware import load_hardware
         old = load_hardware(out)
     except (ConfigError, OSError):
-        return {}, 0
+        return {}
     if old.error_bands:
         log(f"  error bands kept from the previous profile ({old.error_band_cases} cases) until the next validate")
-    return dict(old.error_bands), old.error_band_cases
+    return {"error_bands": dict(old.error_bands), "error_band_cases": old.error_band_cases,
+            "error_bands_history": list(old.error_bands_history),
+            "error_band_cases_history": list(old.error_band_cases_history)}
 
 
 def _physical_memory_gb() -> float:

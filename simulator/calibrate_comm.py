@@ -24,46 +24,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], rounds: int, queue) -> None:
     """Each collective timed as a training step meets it: after a burst of compute (GEMMs and a
     write over memory larger than the caches), into a freshly allocated output. Back-to-back
-    repeats of one collective on hot buffers ran 2-3x faster than the same exchange inside a step."""
+    repeats of one collective on hot buffers ran 2-3x faster than the same exchange inside a step.
+    Every (collective, size) is taken once per round, rounds one after another, so that a slow
+    spell of a shared host spreads over all of them instead of skewing one."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     evict = torch.empty(16 * 2**20)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-    def compute_burst():
-        for _ in range(4):
-            torch.mm(a, b)
-        evict.fill_(1.0)
+    def ops_of(n: int):
+        buf, shard = torch.randn(n), torch.randn(n // world)
+        return {"all_reduce": lambda: dist.all_reduce(buf),
+                "all_gather": lambda: gather(torch.empty(n), shard),
+                "reduce_scatter": lambda: scatter(torch.empty(n // world), buf),
+                "all_to_all": lambda: dist.all_to_all_single(torch.empty(n), buf)}
 
     try:
-        res = []
-        for nbytes in sizes:
-            n = max(world, nbytes // 4 // world * world)
-            buf = torch.randn(n)
-            shard = torch.randn(n // world)
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            ops = {"all_reduce": lambda: dist.all_reduce(buf),
-                   "all_gather": lambda: gather(torch.empty(n), shard),
-                   "reduce_scatter": lambda: scatter(torch.empty(n // world), buf),
-                   "all_to_all": lambda: dist.all_to_all_single(torch.empty(n), buf)}
-            for name, fn in ops.items():
-                times = []
-                for i in range(12):
-                    compute_burst()
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                res.append((name, world, n * 4, statistics.median(times[1:])))
+        ops = [(name, n, fn) for n in (max(world, nbytes // 4 // world * world) for nbytes in sizes)
+               for name, fn in ops_of(n).items()]
+        times = {(name, n): [] for name, n, _ in ops}
+        for r in range(rounds + 1):  # round 0 warms up gloo's pairs and buffers
+            for name, n, fn in ops:
+                for _ in range(4):
+                    torch.mm(a, b)
+                evict.fill_(1.0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                if r:
+                    times[name, n].append(time.perf_counter() - t0)
         if rank == 0:
-            queue.put(res)
+            queue.put([(name, world, n * 4, step_share(ts)) for (name, n), ts in times.items()])
     finally:
         dist.destroy_process_group()
+
+
+def step_share(times: list[float], tail: float = 0.025) -> float:
+    """What one collective adds to a step: the mean of its timings, not the median. On a shared
+    host a collective's time is heavy-tailed (waking gloo's threads: 0.3 to 8 ms for the same 1 MB
+    all-reduce, the mean about twice the median), and a step pays the sum of dozens of them, whose
+    typical value is the mean. The slowest `tail` of the samples is dropped: a spell long enough to
+    make a whole step slow is one the validated median step leaves out too."""
+    kept = sorted(times)[:max(1, math.ceil(len(times) * (1 - tail)))]
+    return statistics.mean(kept)
 
 
 def rank_counts() -> tuple[int, ...]:
@@ -73,7 +82,14 @@ def rank_counts() -> tuple[int, ...]:
     return tuple(w for w in (2, 4, 8) if w <= cores) or (2,)
 
 
-def measure_collectives(worlds=None, sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> list[tuple]:
+# message sizes that bracket what the validated layouts send (TP's ~0.4 MB activations up to
+# gradient buckets of tens of MB)
+COLLECTIVE_SIZES = (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20, 16 * 2**20)
+
+
+def measure_collectives(worlds=None, sizes=COLLECTIVE_SIZES, rounds: int = 40) -> list[tuple]:
+    """(op, world, bytes, seconds) per collective and size, each `step_share` over `rounds`
+    interleaved rounds (about 20 s at two ranks with the default sizes)."""
     import torch.multiprocessing as mp
     worlds = worlds or rank_counts()
     ctx = mp.get_context("spawn")
@@ -81,7 +97,7 @@ def measure_collectives(worlds=None, sizes=(64 * 2**10, 2**20, 8 * 2**20)) -> li
     for world in worlds:
         queue = ctx.SimpleQueue()
         port = _free_port()
-        procs = [ctx.Process(target=_collective_worker, args=(r, world, port, list(sizes), queue))
+        procs = [ctx.Process(target=_collective_worker, args=(r, world, port, list(sizes), rounds, queue))
                  for r in range(world)]
         for p in procs:
             p.start()

@@ -117,9 +117,13 @@ class HardwareProfile:
     # cpus, torch, threads; `estimate` and `validate` warn when this machine differs
     measured_on: dict[str, Union[str, int]] = field(default_factory=dict)
     # validation residuals (`simulator/bands.py`): feature -> [lowest, highest] signed step-time
-    # error in percent over the cases of the last `simulate validate` that used it; "all": every case
+    # error in percent over the cases of the last three `simulate validate` runs that used it; "all":
+    # every case
     error_bands: dict[str, list[float]] = field(default_factory=dict)
     error_band_cases: int = 0  # how many measured cases the bands come from
+    # the own residual ranges and case counts of the runs `error_bands` joins, oldest first
+    error_bands_history: list[dict[str, list[float]]] = field(default_factory=list)
+    error_band_cases_history: list[int] = field(default_factory=list)
     notes: str = ""
 
     def validate(self, path: str = "") -> None:
@@ -151,7 +155,7 @@ class HardwareProfile:
                 raise ConfigError(f"{p}collective_links.{k}: expected [bandwidth_gbps > 0, latency_us >= 0], got {v!r}")
         if self.optimizer_cost and not (len(self.optimizer_cost) == 2 and min(self.optimizer_cost) >= 0):
             raise ConfigError(f"{p}optimizer_cost: expected [us_per_tensor, ns_per_parameter], got {self.optimizer_cost}")
-        for k, v in self.error_bands.items():
+        for k, v in [x for b in (self.error_bands, *self.error_bands_history) for x in b.items()]:
             if not (len(v) == 2 and v[0] <= v[1] and v[0] > -100):
                 raise ConfigError(f"{p}error_bands.{k}: expected [lowest, highest] percent with -100 < lowest "
                                   f"<= highest, got {v!r}; re-run `python -m simulator validate`")

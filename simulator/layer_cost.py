@@ -117,13 +117,19 @@ class LayerCosts:
         rc = f if recompute == "full" else sum(o.fwd for o in ops if o.selective) if recompute == "selective" else 0.0
         return PartCost(f=f, b=b + rc, rc=rc, ops=ops)
 
-    def _tp_time(self, nbytes: float, tp: int, stride: int, dpn: int, n: int) -> float:
-        """Exposed time of n (all-gather + reduce-scatter) pairs over the TP group."""
+    def _tp_time(self, nbytes: float, tp: int, stride: int, dpn: int, n: float, seq_par: bool = False,
+                 gathers: float = 0.0) -> float:
+        """Exposed time, one way, of n region sums over the TP group and `gathers` lone all-gathers.
+        A region sum is what the runtime issues: an all-gather + reduce-scatter pair under sequence
+        parallelism, an all-reduce without. Both move the same bytes, but a profile that measured
+        each collective (a CPU calibration) prices them apart: one gloo all-reduce of two ranks cost
+        about half an all-gather plus a reduce-scatter here."""
         if tp == 1:
             return 0.0
-        t = (C.all_gather(nbytes, tp, stride, dpn).time(self.hw)
-             + C.reduce_scatter(nbytes, tp, stride, dpn).time(self.hw))
-        return n * t * (1 - self.opt.tp_comm_overlap)
+        gather = C.all_gather(nbytes, tp, stride, dpn).time(self.hw)
+        region = (gather + C.reduce_scatter(nbytes, tp, stride, dpn).time(self.hw) if seq_par
+                  else C.all_reduce(nbytes, tp, stride, dpn).time(self.hw))
+        return (n * region + gathers * gather) * (1 - self.opt.tp_comm_overlap)
 
     def __call__(self, kind: str, lay: Layout, d: Derived) -> PartCost:
         # strides, not rank_order: under dp-cp-tp the TP and CP strides depend on dp as well
@@ -176,13 +182,17 @@ class LayerCosts:
         extra = cm.mtp_extra(T, tp, sp, lay.vocab_shards) if mtp else []
         pcost = self._ops_cost(attn_ops + ffn_ops + extra, lay.recompute)
         # TP regions: attention, dense MLP or shared expert (all-gather + reduce-scatter with SP, or
-        # an all-reduce each way without: the same bytes). Expert TP sums the routed experts' output
+        # an all-reduce each way without). Expert TP sums the routed experts' output
         # over TP (all-reduce; with SP the tokens are all-gathered before the dispatch and the
         # outputs reduce-scattered); without SP, TP-extend-EP gathers its slices back (all-gather).
-        pairs = 2 if not moe or cfg.num_shared_experts else 1
+        sums = 2 if not moe or cfg.num_shared_experts else 1
+        gathers = 0.0
         if moe and tp > 1:
-            pairs += (0.0 if seq_par else 0.5) if lay.tp_extend_ep else 1
-        pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, pairs + (1 if mtp else 0))
+            if not lay.tp_extend_ep:
+                sums += 1
+            elif not seq_par:
+                gathers = 1.0  # the outputs gathered back in forward, the input's gradient in backward
+        pcost.tp = self._tp_time(hidden_bytes, tp, d.strides["tp"], dpn, sums + (1 if mtp else 0), seq_par, gathers)
         if seq_par and tp > 1:
             # each region's input projections all-gather their input again in backward; a MoE
             # layer's router sums its statistics over TP (one small all-reduce each: counts, and

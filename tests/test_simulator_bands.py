@@ -46,17 +46,33 @@ def test_layout_features():
     assert "rank_order" not in layout_features(tp=2, dp=2)
 
 
-def test_bands_are_recorded_into_the_profile_and_replace_the_old_ones(tmp_path):
+def test_bands_join_the_last_three_validations(tmp_path):
+    from simulator.bands import BAND_RUNS
+    assert BAND_RUNS == 3
     src = Path(__file__).parents[1] / "configs/hardware/cpu_calibrated.yaml"
     p = tmp_path / "prof.yaml"
     shutil.copy(src, p)
-    record_bands(p, ROWS)
-    record_bands(p, ROWS[:2])  # a second validation replaces the bands, never appends to them
+    first = record_bands(p, ROWS)
+    assert first == {"all": [-14.0, 12.0], "tp": [12.0, 12.0], "ep": [-14.0, -8.0], "alltoall": [-8.0, -8.0],
+                     "hierarchical": [-14.0, -14.0]}
+    second = [{"case": "one", "error_pct": 20.0, "features": []}, {"case": "tp2", "error_pct": -3.0, "features": ["tp"]}]
+    third = [{"case": "one", "error_pct": 1.0, "features": []}]
+    record_bands(p, second)  # this run's own ranges joined with the first run's
     prof = load_hardware(p)
-    assert prof.error_bands == {"all": [4.0, 12.0], "tp": [12.0, 12.0]} and prof.error_band_cases == 2
+    assert prof.error_bands == {"all": [-14.0, 20.0], "tp": [-3.0, 12.0], "ep": [-14.0, -8.0],
+                                "alltoall": [-8.0, -8.0], "hierarchical": [-14.0, -14.0]}
+    assert prof.error_band_cases == 4 + 2 and prof.error_band_cases_history == [4, 2]
+    assert prof.error_bands_history[-1] == {"all": [-3.0, 20.0], "tp": [-3.0, -3.0]}
+    record_bands(p, third)
+    assert load_hardware(p).error_bands["all"] == [-14.0, 20.0]  # still three runs
+    record_bands(p, third)  # a fourth run drops the first: only the last three count
+    prof = load_hardware(p)
+    assert prof.error_bands == {"all": [-3.0, 20.0], "tp": [-3.0, -3.0]} and prof.error_band_cases == 2 + 1 + 1
     text = p.read_text()
-    assert text.count("error_bands:") == 1 and text.startswith("# Written by `python -m simulator calibrate`")
-    assert replace(prof, error_bands={}, error_band_cases=0) == load_hardware(src)  # nothing else changed
+    assert text.count("error_bands:") == 1 and text.count("error_bands_history:") == 1
+    assert text.startswith("# Written by `python -m simulator calibrate`")
+    assert replace(prof, error_bands={}, error_band_cases=0, error_bands_history=[],
+                   error_band_cases_history=[]) == load_hardware(src)  # nothing else changed
 
 
 def test_estimates_carry_the_band_and_search_can_rank_by_its_slow_end():

@@ -126,7 +126,7 @@ def test_simulator_applies_the_corrections_to_forward_and_backward_only():
 
 
 def test_fit_corrections_recovers_known_factors():
-    from simulator.calibrate import fit_corrections
+    from simulator.calibrate_steps import fit_corrections
     from simulator.hardware import CalibrationError
     pts = [(1.3 * w + 2.5 * f, w, f) for w, f in ((0.010, 0.004), (0.090, 0.004), (0.040, 0.006))]
     assert fit_corrections(pts) == (pytest.approx(1.3), pytest.approx(2.5))
@@ -226,7 +226,7 @@ def test_validate_runs_the_trainer_and_probes_every_rank(tmp_path):
 def test_corrections_train_the_held_out_model_at_three_sizes(monkeypatch):
     """Plumbing, not accuracy: both sizes of the held-out model run through the real trainer and
     reach the fit as (measured forward + backward, modelled work, modelled fixed cost)."""
-    import simulator.calibrate as cal
+    import simulator.calibrate_steps as cal
     import simulator.validate as val
     seen = []
     monkeypatch.setattr(cal, "fit_corrections", lambda pts: seen.extend(pts) or (1.0, 1.0))
@@ -261,3 +261,10 @@ def test_a_failed_calibration_is_one_line_and_keeps_the_old_profile(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: calibration steps: fitted work x-0.10, overhead x2.00 (must be > 0); the profile was not written"]
     assert out.read_text() == "previous profile\n"
+
+
+def test_step_share_is_the_mean_less_the_slowest_tail():
+    from simulator.calibrate_comm import step_share
+    assert step_share([1.0, 1.0, 4.0]) == pytest.approx(2.0)  # the mean, not the median (1.0)
+    assert step_share([1.0] * 39 + [100.0]) == pytest.approx(1.0)  # the slowest 2.5 % dropped
+    assert step_share([3.0]) == 3.0

@@ -438,3 +438,31 @@ def test_context_parallel_is_not_free():
     assert one.breakdown["cp_comm"] == 0 and two.breakdown["cp_comm"] > 0
     assert two.breakdown["compute"] > one.breakdown["compute"]  # same FLOPs in smaller kernels
     assert two.step_time > one.step_time
+
+
+def test_tp_regions_are_charged_as_the_runtime_issues_them():
+    """Without SP a TP region sums with one all-reduce each way, with SP with an all-gather +
+    reduce-scatter pair; TP-extend-EP without SP gathers the expert outputs (forward) and the
+    input's gradient (backward). A profile that measured each collective prices them apart."""
+    from simulator.layer_cost import LayerCosts
+    cfg = tiny(expert_ffn_size=4, dense_ffn_size=12, vocab_size=12)
+    # per-kind measured links (bandwidth GB/s, latency us): an all-reduce is cheap, the pair dear
+    links = {"all_reduce": [100.0, 10.0], "all_gather": [100.0, 300.0], "reduce_scatter": [100.0, 500.0]}
+    lc = LayerCosts(cfg, profile(collective_links=links), SimOptions(tp_comm_overlap=0.0))
+    nbytes = 16 * 8 * 2  # 16 tokens of D = 8 in bf16
+    ar = C.all_reduce(nbytes, 2, 1, 4).time(lc.hw)  # 2 steps x 10 us + 256 B / 100 GB/s
+    assert ar == pytest.approx(2 * 10e-6 + nbytes / 100e9)
+    pair = C.all_gather(nbytes, 2, 1, 4).time(lc.hw) + C.reduce_scatter(nbytes, 2, 1, 4).time(lc.hw)
+    gather = C.all_gather(nbytes, 2, 1, 4).time(lc.hw)
+
+    def tp_cost(kind, **over):
+        lay = Layout(**{**dict(tp=2, micro_batch_size=1, seq_len=16, global_batch_size=2, recompute="none",
+                               dispatcher="local", sequence_parallel=False), **over})
+        return lc(kind, lay, derive(cfg, lay, 2, 4)).tp
+    # dense layer: attention + MLP, two regions; MoE layer: attention, shared experts, expert TP sum
+    assert tp_cost("dense") == pytest.approx(2 * ar)
+    assert tp_cost("moe") == pytest.approx(3 * ar)
+    assert tp_cost("dense", sequence_parallel=True) == pytest.approx(2 * pair)
+    assert tp_cost("moe", sequence_parallel=True) == pytest.approx(3 * pair)
+    assert tp_cost("moe", tp_extend_ep=True, dispatcher="alltoall") == pytest.approx(2 * ar + gather)
+    assert tp_cost("moe", tp_extend_ep=True, dispatcher="alltoall", sequence_parallel=True) == pytest.approx(2 * pair)
