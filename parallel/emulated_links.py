@@ -183,7 +183,6 @@ class _Stalls:
             self.since = now if self.waiting >= self.running > 0 else None
 
 
-
 _stalls = _Stalls()
 
 

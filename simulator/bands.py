@@ -7,8 +7,8 @@ those of the `BAND_RUNS - 1` validations before it, in the profile (`HardwarePro
 "all" for every case; each run's own ranges are kept in `error_bands_history` for the next runs to
 join). Several runs, not one: on this shared host a whole run's errors shift together with the
 host's state (every case +5 to +9 % in one run), so one run's extremes covered the next run's
-errors in 6 to 17 of 17 cases, the last two runs' in 12 to 17, the last three runs' in 16 and 17. An estimate of a layout gets the band of
-the features it uses: the widest low and high ends among them and "all". If the error of a case
+errors in 6 to 17 of 17 cases, the last two runs' in 12 to 17, the last three runs' in 16 and 17.
+An estimate of a layout gets the band of the features it uses: the widest low and high ends among them and "all". If the error of a case
 lay in [lo, hi], its measured time lay in [predicted / (1 + hi), predicted / (1 + lo)]: that is the
 interval reported for the true step time. Features the validation never ran (cp on CPU today) are
 named as unvalidated beside the band: the band does not cover them.
@@ -97,11 +97,13 @@ def record_bands(profile_path, rows: list[dict]) -> Optional[dict[str, list[floa
     from pathlib import Path
 
     import yaml
+
+    from simulator.hardware import load_hardware
     own = residual_bands(rows)
     if not own:
         return None
     p = Path(profile_path)
-    previous = yaml.safe_load(p.read_text()) or {}
+    previous = load_hardware(p)  # typed and checked: a hand-edited history fails here, in one line
     keep = []
     skipping = False
     for line in p.read_text().splitlines():
@@ -116,8 +118,8 @@ def record_bands(profile_path, rows: list[dict]) -> Optional[dict[str, list[floa
     def rounded(bands):
         return {k: [round(v[0], 2), round(v[1], 2)] for k, v in sorted(bands.items())}
     measured = sum(1 for r in rows if r.get("error_pct") is not None)
-    history = [*(previous.get("error_bands_history") or []), rounded(own)][-BAND_RUNS:]
-    cases = [*(previous.get("error_band_cases_history") or []), measured][-BAND_RUNS:]
+    history = [*previous.error_bands_history, rounded(own)][-BAND_RUNS:]
+    cases = [*previous.error_band_cases_history, measured][-BAND_RUNS:]
     joined: dict[str, list[float]] = {}
     for b in history:
         joined = join_bands(joined, b)

@@ -42,35 +42,25 @@ def fit_corrections(points: list[tuple[float, float, float]]) -> tuple[float, fl
     return work, overhead
 
 
-def _held_out_model():
-    from config import from_dict
-    from moe.config import ModelConfig
-    return from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
-
-
-def _measure(model, case, prof: HardwareProfile, d: str) -> tuple[dict, float]:
-    """The case's measurement and the machine's slowdown during it (the speed probe's ratio)."""
-    from simulator.validate import measure
-    meas = measure(model, case, steps=12, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
-    if "error" in meas:
-        raise CalibrationError(f"calibration training step ({case.name}) failed: {meas['error']}")
-    return meas, meas["probe_s"] / prof.speed_probe
-
-
 def measure_corrections(prof: HardwareProfile, log: Callable[[str], None] = print) -> tuple[float, float]:
     """Train `CALIBRATION_MODEL` in one process (as `validate` runs a case) at the sizes of
     `CALIBRATION_STEPS` and fit the profile's `work_correction` and `overhead_correction` to the
     forward + backward part of each step (measured step less the modelled optimizer step, whose
     calibration is a measured step of its own), each at the speed probe's reading during the run."""
-    from simulator.validate import Case, predict
-    model = _held_out_model()
+    from config import from_dict
+    from moe.config import ModelConfig
+    from simulator.validate import Case, measure, predict
+    model = from_dict(ModelConfig, CALIBRATION_MODEL, "calibration model")
     bare = replace(prof, work_correction=1.0, overhead_correction=1.0)
     work_only = replace(prof, work_correction=1.0, overhead_correction=0.0)  # fixed costs zeroed
     points = []
     with tempfile.TemporaryDirectory(prefix="simcalibrate-") as d:
         for mbs, seq in CALIBRATION_STEPS:
             case = Case(name=f"calibration-{mbs}x{seq}", micro_batch_size=mbs, seq_len=seq)
-            meas, slowdown = _measure(model, case, prof, d)
+            meas = measure(model, case, steps=12, warmup=2, threads=max(1, prof.cpu_threads), workdir=Path(d))
+            if "error" in meas:
+                raise CalibrationError(f"calibration training step ({case.name}) failed: {meas['error']}")
+            slowdown = meas["probe_s"] / prof.speed_probe
             full = predict(model, bare, case, slowdown=slowdown)
             work = predict(model, work_only, case, slowdown=slowdown)["compute_s"]
             measured = meas["step_time_s"] - full["optimizer_s"]

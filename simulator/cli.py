@@ -130,7 +130,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_validate(args) -> int:
     from simulator.calibrate import calibrate
-    from simulator.bands import record_bands
+    from simulator.bands import BAND_RUNS, record_bands
     from simulator.validate import DEFAULT_CONFIG, run_validation, summarize
     hw = args.hardware
     if args.calibrate or not Path(hw).is_file():
@@ -159,7 +159,7 @@ def cmd_validate(args) -> int:
           + (f"{s['median_abs_act_error_pct']:.1f}%" if s["median_abs_act_error_pct"] is not None else "n/a"))
     if s["with_band"]:
         print(f"{s['in_band']} of {s['with_band']} measured step times inside the error band from the "
-              f"profile's previous three validations")
+              f"profile's previous validations (up to {BAND_RUNS})")
     if not args.case and Path(hw).is_file():  # a partial run would narrow the bands to its cases
         bands = record_bands(hw, rows)
         if bands:

@@ -155,10 +155,17 @@ class HardwareProfile:
                 raise ConfigError(f"{p}collective_links.{k}: expected [bandwidth_gbps > 0, latency_us >= 0], got {v!r}")
         if self.optimizer_cost and not (len(self.optimizer_cost) == 2 and min(self.optimizer_cost) >= 0):
             raise ConfigError(f"{p}optimizer_cost: expected [us_per_tensor, ns_per_parameter], got {self.optimizer_cost}")
-        for k, v in [x for b in (self.error_bands, *self.error_bands_history) for x in b.items()]:
-            if not (len(v) == 2 and v[0] <= v[1] and v[0] > -100):
-                raise ConfigError(f"{p}error_bands.{k}: expected [lowest, highest] percent with -100 < lowest "
-                                  f"<= highest, got {v!r}; re-run `python -m simulator validate`")
+        banded = [("error_bands", self.error_bands)]
+        banded += [(f"error_bands_history[{i}]", b) for i, b in enumerate(self.error_bands_history)]
+        for name, bands in banded:
+            for k, v in bands.items():
+                if not (len(v) == 2 and v[0] <= v[1] and v[0] > -100):
+                    raise ConfigError(f"{p}{name}.{k}: expected [lowest, highest] percent with -100 < lowest "
+                                      f"<= highest, got {v!r}; re-run `python -m simulator validate`")
+        if len(self.error_band_cases_history) != len(self.error_bands_history):
+            raise ConfigError(f"{p}error_band_cases_history: {len(self.error_band_cases_history)} entries for "
+                              f"{len(self.error_bands_history)} in error_bands_history (one case count per "
+                              f"validation); re-run `python -m simulator validate`")
         if self.speed_probe < 0:
             raise ConfigError(f"{p}speed_probe: must be >= 0, got {self.speed_probe}; "
                               f"re-run `python -m simulator calibrate`")

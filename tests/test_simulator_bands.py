@@ -117,3 +117,20 @@ def test_validation_report_has_a_table_per_case_and_a_scatter_plot(tmp_path):
     # a .json path keeps its name, the other two beside it
     named = write_validation_report(rows, summarize(rows), "cpu_calibrated", tmp_path / "v" / "val.json")
     assert [p.name for p in named] == ["val.json", "val.md", "val.png"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("error_bands_history: [{all: [1.0, 2.0]}]\nerror_band_cases_history: []\n",
+     "error_band_cases_history: 0 entries for 1 in error_bands_history"),
+    ("error_bands_history: [{all: [3.0, 2.0]}]\nerror_band_cases_history: [4]\n",
+     r"error_bands_history\[0\].all: expected \[lowest, highest\]"),
+    ("error_bands_history: nonsense\n", "error_bands_history: expected a list"),
+])
+def test_a_bad_band_history_is_one_clear_error(tmp_path, extra, message):
+    from config import ConfigError
+    p = tmp_path / "prof.yaml"
+    p.write_text((Path(__file__).parents[1] / "configs/hardware/cpu_calibrated.yaml").read_text() + extra)
+    with pytest.raises(ConfigError, match=message):
+        load_hardware(p)
+    with pytest.raises(ConfigError, match=message):  # recording onto it names the same field
+        record_bands(p, ROWS)
